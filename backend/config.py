@@ -1,0 +1,133 @@
+"""Settings: the one place the backend reads its environment."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BACKEND_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BACKEND_DIR.parent
+DEFAULT_OUTPUT_DIR = BACKEND_DIR / "mv" / "outputs"
+MAX_PRESIGNED_URL_EXPIRY = 604_800  # SigV4 presigned URLs cannot outlive seven days.
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REPLICATE_MODEL = re.compile(r"^[\w.-]+/[\w.-]+(:[0-9a-f]{64})?$")
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD")
+
+
+class SettingsError(ValueError):
+    """Raised when the environment holds an invalid setting; the message names it."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the backend, validated when the process starts."""
+
+    model_config = SettingsConfigDict(
+        env_file=REPO_ROOT / ".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # Storage
+    storage_backend: Literal["local", "s3"] = "local"
+    serve_from_cloud: bool = False
+    storage_bucket: str | None = None
+    aws_region: str = "us-east-1"
+    aws_endpoint_url: str | None = None
+    presigned_url_expiry: int = Field(default=3600, ge=1, le=MAX_PRESIGNED_URL_EXPIRY)
+    output_dir: Path = DEFAULT_OUTPUT_DIR
+    public_base_url: str | None = None
+    s3_max_attempts: int = Field(default=3, ge=1, le=10)
+    s3_connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    s3_read_timeout: float = Field(default=30.0, gt=0, le=600)
+    storage_max_concurrency: int = Field(default=8, ge=1, le=64)
+    pending_upload_retry_seconds: float = Field(default=60.0, ge=1, le=86_400)
+
+    # Generation
+    image_generator: Literal["auto", "local", "replicate"] = "auto"
+    local_model_id: str = Field(default="black-forest-labs/FLUX.1-schnell", min_length=1)
+    local_device: Literal["auto", "cuda", "cpu"] = "auto"
+    replicate_api_token: SecretStr | None = None
+    replicate_model: str = "black-forest-labs/flux-schnell"
+
+    @field_validator("storage_bucket", "aws_endpoint_url", "public_base_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("storage_bucket")
+    @classmethod
+    def _valid_bucket(cls, value: str | None) -> str | None:
+        if value is not None and not _BUCKET_NAME.fullmatch(value):
+            raise ValueError("must be a valid S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
+        return value
+
+    @field_validator("aws_endpoint_url", "public_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an http:// or https:// URL without query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output_dir(cls, value: Path) -> Path:
+        # Relative paths are taken from backend/, so the server and scripts agree on the
+        # local tier whatever directory they are started from.
+        path = value.expanduser()
+        return (path if path.is_absolute() else BACKEND_DIR / path).resolve()
+
+    @field_validator("replicate_model")
+    @classmethod
+    def _valid_replicate_model(cls, value: str) -> str:
+        if not _REPLICATE_MODEL.fullmatch(value):
+            raise ValueError("must be 'owner/name' or 'owner/name:<64-hex version>'")
+        return value
+
+    @field_validator("replicate_api_token")
+    @classmethod
+    def _token_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None or not value.get_secret_value().strip() else value
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> Settings:
+        if self.storage_backend == "s3" and self.storage_bucket is None:
+            raise ValueError("STORAGE_BUCKET must be set when STORAGE_BACKEND=s3")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment (and overrides), with errors naming the setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn a pydantic error into lines like `PRESIGNED_URL_EXPIRY=0: must be >= 1`."""
+    lines = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"]).upper()
+        message = problem["msg"].removeprefix("Value error, ")
+        if name:
+            shown = "<hidden>" if _SECRET_NAME.search(name) else repr(problem.get("input"))
+            lines.append(f"{name}={shown}: {message}")
+        else:
+            lines.append(message)
+    return "invalid setting: " + "; ".join(lines)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,390 @@
+"""AssetPersistenceService: character reference images and job directories in storage."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from config import Settings, get_settings
+from services.asset_records import (
+    CharacterReferenceRecord,
+    GenerationDetails,
+    JobManifest,
+    ManifestEntry,
+)
+from services.asset_urls import LocalAssetUrls
+from services.image_files import ImageKind, UnsupportedImageError, identify_image
+from services.storage.atomic import is_temp_file, sha256_file
+from services.storage.keys import (
+    IMAGE_CONTENT_TYPES,
+    JOB_CHARACTER_REFERENCE_DIR,
+    MANIFEST_NAME,
+    character_reference_key,
+    character_reference_sidecar_key,
+    job_asset_key,
+    job_character_reference_key,
+    job_manifest_key,
+    normalize_image_extension,
+    parse_image_id,
+    parse_job_id,
+    validate_relative_path,
+)
+from services.storage.local import content_type_for
+from services.storage_backend import (
+    HoldsPendingUploads,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    SignsUrls,
+    StorageBackend,
+    StorageError,
+    get_storage_backend,
+)
+
+logger = logging.getLogger(__name__)
+
+CHARACTER_REFERENCES_CATEGORY = "character_references"
+TOP_LEVEL_FILES_CATEGORY = "files"
+_RESERVED_CATEGORIES = {"manifest"}
+
+__all__ = [
+    "AssetPersistenceService",
+    "CharacterReferenceNotFoundError",
+    "JobNotFoundError",
+    "UnsupportedImageError",
+]
+
+
+class CharacterReferenceNotFoundError(ObjectNotFoundError):
+    """No stored character reference has this id."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__(image_id, f"character reference {image_id} not found")
+        self.image_id = image_id
+
+
+class JobNotFoundError(ObjectNotFoundError):
+    """No manifest is stored for this job."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"job {job_id} has no stored manifest")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedImage:
+    data: bytes
+    kind: ImageKind
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class _JobFile:
+    relative_path: str
+    path: Path
+    category: str
+
+
+def _category_of(relative_path: str) -> str:
+    head, _, rest = relative_path.partition("/")
+    if not rest:
+        return TOP_LEVEL_FILES_CATEGORY
+    return CHARACTER_REFERENCES_CATEGORY if head == JOB_CHARACTER_REFERENCE_DIR else head
+
+
+class AssetPersistenceService:
+    """Stores images and job directories in the configured backend and hands out URLs.
+
+    Every method validates ids before any I/O and runs storage work on worker threads, so it
+    is safe to await from the event loop.
+    """
+
+    def __init__(
+        self,
+        storage_backend: StorageBackend | None = None,
+        *,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.storage = storage_backend or get_storage_backend(self.settings)
+        self._local_urls = LocalAssetUrls(self.settings.public_base_url)
+        self._max_workers = self.settings.storage_max_concurrency
+
+    # ----------------------------------------------------------------- URLs
+
+    def url_for_key(self, key: str) -> str:
+        """URL of a stored key: presigned when the store signs (and holds it), else the API path.
+
+        Blocking (presigning may refresh credentials): call it off the event loop.
+        """
+        pending = isinstance(self.storage, HoldsPendingUploads) and self.storage.is_pending(key)
+        if isinstance(self.storage, SignsUrls) and not pending:
+            return self.storage.presign(key, self.settings.presigned_url_expiry).url
+        # Local mode, or an upload still pending: the API serves the local copy.
+        return self._local_urls.for_key(key)
+
+    def _url_if_exists(self, key: str) -> str | None:
+        return self.url_for_key(key) if self.storage.exists(key) else None
+
+    async def get_character_reference_url(
+        self, image_id: str, job_id: str | None = None, extension: str = "png"
+    ) -> str | None:
+        """URL of a stored character reference (presigned in S3 mode), None if absent."""
+        if job_id is None:
+            key = character_reference_key(image_id, extension)
+        else:
+            key = job_character_reference_key(job_id, image_id, extension)
+        return await asyncio.to_thread(self._url_if_exists, key)
+
+    # ------------------------------------------------- character references
+
+    @staticmethod
+    def _prepare_image(source: Path) -> _PreparedImage:
+        if not source.is_file():
+            raise FileNotFoundError(f"character reference image not found: {source}")
+        data = source.read_bytes()
+        kind = identify_image(data)
+        suffix = source.suffix.lower().lstrip(".")
+        if suffix in {*IMAGE_CONTENT_TYPES, "jpeg"} and normalize_image_extension(suffix) != (
+            kind.extension
+        ):
+            raise UnsupportedImageError(
+                f"{source.name}: the name says {suffix} but the content is {kind.extension}"
+            )
+        return _PreparedImage(data, kind, hashlib.sha256(data).hexdigest())
+
+    async def persist_character_reference(
+        self,
+        image_id: str,
+        local_image_path: str | os.PathLike[str],
+        job_id: str | None = None,
+        *,
+        details: GenerationDetails | None = None,
+    ) -> str:
+        """Store an image under the standalone key (with its sidecar) or the job's; return its URL.
+
+        Raises FileNotFoundError if the file is missing and UnsupportedImageError if it is not a
+        PNG, JPEG or WebP image.
+        """
+        image_id = parse_image_id(image_id)
+        job_id = parse_job_id(job_id) if job_id is not None else None
+        image = await asyncio.to_thread(self._prepare_image, Path(local_image_path))
+        if job_id is not None:
+            key = job_character_reference_key(job_id, image_id, image.kind.extension)
+            await asyncio.to_thread(
+                self.storage.put_bytes, key, image.data, image.kind.content_type
+            )
+            return await asyncio.to_thread(self.url_for_key, key)
+
+        key = character_reference_key(image_id, image.kind.extension)
+        record = CharacterReferenceRecord(
+            id=image_id,
+            width=image.kind.width,
+            height=image.kind.height,
+            content_type=image.kind.content_type,
+            sha256=image.sha256,
+            size=len(image.data),
+            **(details or GenerationDetails()).model_dump(),
+        )
+        # The image and its sidecar are independent writes: send them together.
+        await asyncio.gather(
+            asyncio.to_thread(self.storage.put_bytes, key, image.data, image.kind.content_type),
+            asyncio.to_thread(
+                self.storage.put_bytes,
+                character_reference_sidecar_key(image_id),
+                record.model_dump_json(indent=2).encode(),
+                "application/json",
+            ),
+        )
+        return await asyncio.to_thread(self.url_for_key, key)
+
+    def _read_record(self, image_id: str) -> CharacterReferenceRecord | None:
+        try:
+            raw = self.storage.get_bytes(character_reference_sidecar_key(image_id))
+        except ObjectNotFoundError:
+            return None
+        return CharacterReferenceRecord.model_validate_json(raw)
+
+    async def get_character_reference_record(self, image_id: str) -> CharacterReferenceRecord:
+        """The sidecar of a standalone image; CharacterReferenceNotFoundError if absent."""
+        image_id = parse_image_id(image_id)
+        record = await asyncio.to_thread(self._read_record, image_id)
+        if record is None:
+            raise CharacterReferenceNotFoundError(image_id)
+        return record
+
+    def _find_character_reference(self, image_id: str) -> tuple[str, str | None]:
+        """Key and expected sha256 of a standalone image, from its sidecar or by extension."""
+        record = self._read_record(image_id)
+        if record is not None:
+            extension = normalize_image_extension(record.content_type.rpartition("/")[2])
+            key = character_reference_key(image_id, extension)
+            if self.storage.exists(key):
+                return key, record.sha256
+        for extension in IMAGE_CONTENT_TYPES:
+            key = character_reference_key(image_id, extension)
+            if self.storage.exists(key):
+                return key, None
+        raise CharacterReferenceNotFoundError(image_id)
+
+    def _associate(self, job_id: str, image_ids: list[str], base: Path) -> list[str]:
+        # Resolve every id first, so an unknown one fails the call before anything is copied.
+        found = [self._find_character_reference(image_id) for image_id in image_ids]
+        urls = []
+        for image_id, (key, sha256) in zip(image_ids, found, strict=True):
+            extension = key.rpartition(".")[2]
+            local_copy = base / JOB_CHARACTER_REFERENCE_DIR / f"{image_id}.{extension}"
+            self.storage.download(key, local_copy, sha256)
+            job_key = job_character_reference_key(job_id, image_id, extension)
+            self.storage.put_file(job_key, local_copy, IMAGE_CONTENT_TYPES[extension])
+            urls.append(self.url_for_key(job_key))
+        return urls
+
+    async def associate_character_images_with_job(
+        self, job_id: str, image_ids: Sequence[str], local_base_path: str | os.PathLike[str]
+    ) -> list[str]:
+        """Copy stored images into {local_base_path}/character_reference/ and under the job.
+
+        Returns one URL per image, in order; CharacterReferenceNotFoundError names an unknown id.
+        """
+        job_id = parse_job_id(job_id)
+        if isinstance(image_ids, str):
+            raise InvalidKeyError("image_ids must be a list of ids, not one string")
+        ids = [parse_image_id(image_id) for image_id in image_ids]
+        return await asyncio.to_thread(self._associate, job_id, ids, Path(local_base_path))
+
+    # ------------------------------------------------------------ job assets
+
+    @staticmethod
+    def _job_files(base: Path) -> list[_JobFile]:
+        if not base.is_dir():
+            raise FileNotFoundError(f"job directory not found: {base}")
+        files = []
+        for directory, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                path = Path(directory) / filename
+                relative = path.relative_to(base).as_posix()
+                if relative == MANIFEST_NAME or is_temp_file(path):
+                    continue  # the manifest is rebuilt; temp files are unfinished writes
+                if path.is_symlink():
+                    logger.warning("skipping symlink in job directory: %s", relative)
+                    continue
+                validate_relative_path(relative)
+                category = _category_of(relative)
+                if category in _RESERVED_CATEGORIES:
+                    raise InvalidKeyError(f"top-level folder name {category!r} is reserved")
+                files.append(_JobFile(relative, path, category))
+        return files
+
+    def _persist_job(self, job_id: str, base: Path) -> dict[str, list[str] | str]:
+        files = self._job_files(base)
+
+        def upload(job_file: _JobFile) -> ManifestEntry:
+            key = job_asset_key(job_id, job_file.relative_path)
+            content_type = content_type_for(job_file.relative_path)
+            info = self.storage.put_file(key, job_file.path, content_type).info
+            assert info.sha256 is not None  # every backend hashes what it writes
+            return ManifestEntry(
+                path=job_file.relative_path,
+                category=job_file.category,
+                size=info.size,
+                sha256=info.sha256,
+                content_type=content_type,
+            )
+
+        with ThreadPoolExecutor(self._max_workers, thread_name_prefix="job-persist") as pool:
+            entries = list(pool.map(upload, files))
+        # The manifest goes last: once it exists, every file it lists is stored.
+        manifest = JobManifest(job_id=job_id, files=entries)
+        manifest_key = job_manifest_key(job_id)
+        self.storage.put_bytes(
+            manifest_key, manifest.model_dump_json(indent=2).encode(), "application/json"
+        )
+        result: dict[str, list[str] | str] = {CHARACTER_REFERENCES_CATEGORY: []}
+        for entry in entries:
+            urls = result.setdefault(entry.category, [])
+            assert isinstance(urls, list)
+            urls.append(self.url_for_key(job_asset_key(job_id, entry.path)))
+        result["manifest"] = self.url_for_key(manifest_key)
+        return result
+
+    async def persist_job_assets(
+        self, job_id: str, local_base_path: str | os.PathLike[str]
+    ) -> dict[str, list[str] | str]:
+        """Store every file of a job directory (recursively) and its manifest.
+
+        Returns {"character_references": [urls], <one list per top-level folder>,
+        "files": [urls of top-level files] (when there are any), "manifest": url}.
+        """
+        job_id = parse_job_id(job_id)
+        return await asyncio.to_thread(self._persist_job, job_id, Path(local_base_path))
+
+    def _read_manifest(self, job_id: str) -> JobManifest:
+        try:
+            raw = self.storage.get_bytes(job_manifest_key(job_id))
+        except ObjectNotFoundError:
+            raise JobNotFoundError(job_id) from None
+        manifest = JobManifest.model_validate_json(raw)
+        if manifest.job_id != job_id:
+            raise StorageError(f"manifest of job {job_id} names job {manifest.job_id}")
+        return manifest
+
+    async def get_job_manifest(self, job_id: str) -> JobManifest:
+        """The stored manifest of a job; JobNotFoundError if there is none."""
+        job_id = parse_job_id(job_id)
+        return await asyncio.to_thread(self._read_manifest, job_id)
+
+    def _download_job(self, job_id: str, base: Path) -> list[str]:
+        manifest = self._read_manifest(job_id)
+
+        def fetch(entry: ManifestEntry) -> str:
+            destination = base.joinpath(*entry.path.split("/"))
+            if not _same_file_content(destination, entry):
+                key = job_asset_key(job_id, entry.path)
+                self.storage.download(key, destination, entry.sha256)
+            return str(destination)
+
+        base.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(self._max_workers, thread_name_prefix="job-download") as pool:
+            return list(pool.map(fetch, manifest.files))
+
+    async def download_job_assets(
+        self, job_id: str, local_base_path: str | os.PathLike[str]
+    ) -> list[str]:
+        """Restore a job directory under `local_base_path`, every file checked against its sha256.
+
+        Returns the local paths in manifest order. Files are written atomically: a corrupted
+        object raises IntegrityError and leaves no partial file behind.
+        """
+        job_id = parse_job_id(job_id)
+        return await asyncio.to_thread(self._download_job, job_id, Path(local_base_path))
+
+    # ---------------------------------------------------------- maintenance
+
+    async def retry_pending_uploads(self) -> list[str]:
+        """Upload objects that earlier failed to reach S3; return the keys uploaded."""
+        if not isinstance(self.storage, HoldsPendingUploads):
+            return []
+        return await asyncio.to_thread(self.storage.retry_pending)
+
+    def pending_uploads(self) -> Iterable[str]:
+        """Keys stored locally that still wait for an upload."""
+        if not isinstance(self.storage, HoldsPendingUploads):
+            return []
+        return self.storage.pending_keys()
+
+
+def _same_file_content(path: Path, entry: ManifestEntry) -> bool:
+    """Whether `path` already holds exactly the manifest entry's bytes."""
+    try:
+        if not path.is_file() or path.stat().st_size != entry.size:
+            return False
+    except OSError:
+        return False
+    return sha256_file(path)[0] == entry.sha256

@@ -1,0 +1,69 @@
+"""Stored records: the character reference sidecar and the job manifest."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.storage.keys import validate_relative_path
+
+
+def utc_now() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+class GenerationDetails(BaseModel):
+    """How an image was made; written into its sidecar (all optional for uploaded images)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    model: str | None = None
+    backend: Literal["local", "replicate", "upload"] | None = None
+    fallback_reason: str | None = None
+
+
+class CharacterReferenceRecord(GenerationDetails):
+    """The metadata sidecar stored at character_references/{image_id}.json."""
+
+    id: str
+    width: int | None = None
+    height: int | None = None
+    content_type: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    created_at: datetime = Field(default_factory=utc_now)
+
+
+class ManifestEntry(BaseModel):
+    """One file of a job directory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    category: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    content_type: str
+
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, value: str) -> str:
+        # A manifest read back from storage decides where files are written: check it.
+        return validate_relative_path(value)
+
+
+class JobManifest(BaseModel):
+    """Every file of a job, stored at jobs/{job_id}/manifest.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    created_at: datetime = Field(default_factory=utc_now)
+    files: list[ManifestEntry]

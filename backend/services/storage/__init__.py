@@ -1,0 +1,1 @@
+"""Storage tiers behind one key layout: local disk, S3, and the S3 write-through pair."""

@@ -1,0 +1,69 @@
+"""Atomic, durable file writes: temp file in the same directory, fsync, os.replace."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK_SIZE = 1024 * 1024
+TEMP_PREFIX = ".tmp-"
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """SHA-256 hex digest and size of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether `path` is an unfinished atomic write (never a stored object)."""
+    return path.name.startswith(TEMP_PREFIX)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is flushed too.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(destination: Path) -> Iterator[BinaryIO]:
+    """Yield a file handle; on success its content replaces `destination` in one step.
+
+    On any error the temp file is removed and `destination` is left as it was.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below on every path
+        dir=destination.parent, prefix=TEMP_PREFIX, delete=False
+    )
+    temp_path = Path(handle.name)
+    try:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        temp_path.replace(destination)
+    except BaseException:
+        handle.close()
+        temp_path.unlink(missing_ok=True)
+        raise
+    _fsync_directory(destination.parent)
+
+
+def write_bytes_atomic(destination: Path, data: bytes) -> None:
+    """Write `data` to `destination` atomically and durably."""
+    with atomic_writer(destination) as handle:
+        handle.write(data)

@@ -1,0 +1,107 @@
+"""The storage interface: small protocols speaking in keys, bytes and URLs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What a store knows about one object."""
+
+    key: str
+    size: int
+    content_type: str
+    sha256: str | None  # None only for objects written by other tools without a checksum
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """The result of a write; `pending` means it is held locally until an upload succeeds."""
+
+    info: ObjectInfo
+    pending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PresignedUrl:
+    """A time-limited GET URL."""
+
+    url: str
+    expires_in: int
+    expires_at: datetime
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """Stores, reads, lists and deletes objects by key. Methods block: call them off the loop."""
+
+    name: str
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Store `data` under `key` atomically."""
+        ...
+
+    def put_file(self, key: str, source: Path, content_type: str) -> StoredObject:
+        """Store the file at `source` under `key` atomically; FileNotFoundError if missing."""
+        ...
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read a whole object; ObjectNotFoundError if absent."""
+        ...
+
+    def download(
+        self, key: str, destination: Path, expected_sha256: str | None = None
+    ) -> ObjectInfo:
+        """Write the object to `destination` atomically, verifying its SHA-256 when given."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under `key`."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size, content type and SHA-256 of an object; ObjectNotFoundError if absent."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove an object; deleting a missing key is not an error."""
+        ...
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """All keys under `prefix` (recursively), sorted."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and worker threads."""
+        ...
+
+
+@runtime_checkable
+class SignsUrls(Protocol):
+    """A store that can hand out presigned GET URLs."""
+
+    def presign(self, key: str, expires_in: int) -> PresignedUrl:
+        """A GET URL for `key` valid for `expires_in` seconds."""
+        ...
+
+
+@runtime_checkable
+class HoldsPendingUploads(Protocol):
+    """A tiered store that keeps writes locally until the remote tier accepts them."""
+
+    def is_pending(self, key: str) -> bool:
+        """Whether `key` is stored locally only, waiting for an upload."""
+        ...
+
+    def pending_keys(self) -> Iterable[str]:
+        """Keys waiting for an upload."""
+        ...
+
+    def retry_pending(self) -> list[str]:
+        """Try every pending upload once; return the keys uploaded."""
+        ...

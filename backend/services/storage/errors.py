@@ -1,0 +1,33 @@
+"""The storage error hierarchy; provider errors are translated into it at the backend boundary."""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message says which operation and key."""
+
+
+class InvalidKeyError(StorageError, ValueError):
+    """A key or identifier is malformed or would escape its prefix; raised before any I/O."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """No object is stored under the key."""
+
+    def __init__(self, key: str, message: str | None = None) -> None:
+        super().__init__(message or f"no object stored under {key!r}")
+        self.key = key
+
+
+class IntegrityError(StorageError):
+    """Stored bytes do not match the expected SHA-256."""
+
+    def __init__(self, key: str, expected: str, actual: str) -> None:
+        super().__init__(f"{key!r}: sha256 is {actual}, expected {expected}")
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+class StorageUnavailableError(StorageError):
+    """The store could not be reached (connection refused, timeout) after bounded retries."""

@@ -1,0 +1,103 @@
+"""Keys and identifiers: the one layout every storage tier shares, checked before any I/O."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+
+from services.storage.errors import InvalidKeyError
+
+CHARACTER_REFERENCES_PREFIX = "character_references"
+JOBS_PREFIX = "jobs"
+JOB_CHARACTER_REFERENCE_DIR = "character_reference"
+MANIFEST_NAME = "manifest.json"
+MAX_KEY_BYTES = 1024
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+# Extension of stored images -> content type. "jpeg" is stored as "jpg" so one image has one key.
+IMAGE_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+_EXTENSION_ALIASES = {"jpeg": "jpg"}
+
+
+def parse_image_id(value: object) -> str:
+    """Return the canonical form of a UUID image id, or raise InvalidKeyError."""
+    if not isinstance(value, str) or not value:
+        raise InvalidKeyError(f"image id must be a UUID, got {value!r}")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidKeyError(f"image id must be a UUID, got {value!r}") from None
+
+
+def parse_job_id(value: object) -> str:
+    """Return the job id if it matches ^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$, else raise."""
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
+        raise InvalidKeyError(f"job id must match [A-Za-z0-9][A-Za-z0-9_-]{{0,127}}, got {value!r}")
+    return value
+
+
+def normalize_image_extension(extension: str) -> str:
+    """Map 'PNG', '.jpeg', 'webp'... to the stored extension, or raise for other types."""
+    ext = extension.lower().lstrip(".")
+    ext = _EXTENSION_ALIASES.get(ext, ext)
+    if ext not in IMAGE_CONTENT_TYPES:
+        allowed = ", ".join(sorted({*IMAGE_CONTENT_TYPES, *_EXTENSION_ALIASES}))
+        raise InvalidKeyError(f"image extension must be one of {allowed}, got {extension!r}")
+    return ext
+
+
+def validate_key(key: object) -> str:
+    """Check a storage key: relative, '/'-separated, no empty, '.' or '..' segment, no escapes."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"storage key must be a non-empty string, got {key!r}")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"storage key is longer than {MAX_KEY_BYTES} bytes")
+    if key.startswith("/") or "\\" in key or "%" in key:
+        raise InvalidKeyError(f"storage key must be relative, without '\\' or '%': {key!r}")
+    if any(unicodedata.category(char) in {"Cc", "Cs"} for char in key):
+        raise InvalidKeyError(f"storage key contains control characters: {key!r}")
+    segments = key.split("/")
+    if any(segment in {"", ".", ".."} for segment in segments):
+        raise InvalidKeyError(f"storage key has an empty, '.' or '..' segment: {key!r}")
+    if segments[0].startswith("."):
+        raise InvalidKeyError(f"storage keys starting with '.' are reserved: {key!r}")
+    return key
+
+
+def validate_relative_path(path: str) -> str:
+    """Check a path inside a job directory (as written in a manifest): same rules as a key."""
+    validate_key(path)
+    return path
+
+
+def character_reference_key(image_id: str, extension: str) -> str:
+    """Key of a standalone character reference image."""
+    name = f"{parse_image_id(image_id)}.{normalize_image_extension(extension)}"
+    return f"{CHARACTER_REFERENCES_PREFIX}/{name}"
+
+
+def character_reference_sidecar_key(image_id: str) -> str:
+    """Key of a standalone character reference's metadata sidecar."""
+    return f"{CHARACTER_REFERENCES_PREFIX}/{parse_image_id(image_id)}.json"
+
+
+def job_prefix(job_id: str) -> str:
+    """Prefix (with trailing '/') under which all of a job's assets live."""
+    return f"{JOBS_PREFIX}/{parse_job_id(job_id)}/"
+
+
+def job_asset_key(job_id: str, relative_path: str) -> str:
+    """Key of a file at `relative_path` inside the job directory."""
+    return validate_key(job_prefix(job_id) + validate_relative_path(relative_path))
+
+
+def job_character_reference_key(job_id: str, image_id: str, extension: str) -> str:
+    """Key of a character reference attached to a job."""
+    name = f"{parse_image_id(image_id)}.{normalize_image_extension(extension)}"
+    return job_asset_key(job_id, f"{JOB_CHARACTER_REFERENCE_DIR}/{name}")
+
+
+def job_manifest_key(job_id: str) -> str:
+    """Key of a job's manifest."""
+    return job_prefix(job_id) + MANIFEST_NAME

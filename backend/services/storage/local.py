@@ -1,0 +1,142 @@
+"""LocalStorageBackend: objects as files under one root directory."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+from pathlib import Path
+
+from services.storage.atomic import CHUNK_SIZE, atomic_writer, is_temp_file, sha256_file
+from services.storage.base import ObjectInfo, StoredObject
+from services.storage.errors import (
+    IntegrityError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    StorageError,
+)
+from services.storage.keys import validate_key
+
+_CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".json": "application/json",
+}
+
+
+def content_type_for(key: str) -> str:
+    """Content type implied by a key's extension (local files carry no other)."""
+    suffix = Path(key).suffix.lower()
+    if suffix in _CONTENT_TYPES:
+        return _CONTENT_TYPES[suffix]
+    guessed, _ = mimetypes.guess_type(key, strict=False)
+    return guessed or "application/octet-stream"
+
+
+class LocalStorageBackend:
+    """Stores each key at `root/key`; writes are atomic and keys cannot leave the root."""
+
+    name = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def path_for(self, key: str) -> Path:
+        """The file that holds `key`; raises InvalidKeyError if it would leave the root."""
+        validate_key(key)
+        path = self.root.joinpath(*key.split("/"))
+        # A symlink planted inside the root must not lead outside it.
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise InvalidKeyError(f"storage key escapes the storage root: {key!r}")
+        return path
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Write `data` under `key` atomically."""
+        path = self.path_for(key)
+        with atomic_writer(path) as handle:
+            handle.write(data)
+        info = ObjectInfo(key, len(data), content_type_for(key), hashlib.sha256(data).hexdigest())
+        return StoredObject(info)
+
+    def put_file(self, key: str, source: Path, content_type: str) -> StoredObject:
+        """Copy `source` under `key` atomically, hashing while copying."""
+        path = self.path_for(key)
+        digest = hashlib.sha256()
+        size = 0
+        with Path(source).open("rb") as reader, atomic_writer(path) as writer:
+            while chunk := reader.read(CHUNK_SIZE):
+                digest.update(chunk)
+                writer.write(chunk)
+                size += len(chunk)
+        return StoredObject(ObjectInfo(key, size, content_type_for(key), digest.hexdigest()))
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read a whole object."""
+        try:
+            return self.path_for(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFoundError(key) from None
+
+    def download(
+        self, key: str, destination: Path, expected_sha256: str | None = None
+    ) -> ObjectInfo:
+        """Copy the object to `destination` atomically, checking its SHA-256 when given."""
+        source = self.path_for(key)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            reader = source.open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFoundError(key) from None
+        with reader, atomic_writer(Path(destination)) as writer:
+            while chunk := reader.read(CHUNK_SIZE):
+                digest.update(chunk)
+                writer.write(chunk)
+                size += len(chunk)
+            actual = digest.hexdigest()
+            if expected_sha256 is not None and actual != expected_sha256:
+                raise IntegrityError(key, expected_sha256, actual)  # the writer discards its file
+        return ObjectInfo(key, size, content_type_for(key), actual)
+
+    def exists(self, key: str) -> bool:
+        """Whether a file holds `key`."""
+        return self.path_for(key).is_file()
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size, content type and SHA-256 (computed from the file)."""
+        path = self.path_for(key)
+        if not path.is_file():
+            raise ObjectNotFoundError(key)
+        sha256, size = sha256_file(path)
+        return ObjectInfo(key, size, content_type_for(key), sha256)
+
+    def delete(self, key: str) -> None:
+        """Remove the file; a missing one is fine."""
+        path = self.path_for(key)
+        try:
+            path.unlink(missing_ok=True)
+        except IsADirectoryError:
+            raise StorageError(f"{key!r} is a directory, not an object") from None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys of all files under `prefix`, skipping unfinished writes and symlinks."""
+        base = self.path_for(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if base.is_file():
+            return [prefix.rstrip("/")]
+        keys = []
+        for directory, dirnames, filenames in os.walk(base):
+            here = Path(directory)
+            if here == self.root:
+                dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+            for filename in filenames:
+                path = here / filename
+                if is_temp_file(path) or path.is_symlink():
+                    continue
+                keys.append(path.relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def close(self) -> None:
+        """Nothing to release."""

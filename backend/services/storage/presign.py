@@ -1,0 +1,60 @@
+"""Presigned GET URLs from botocore's SigV4 query signer, with the endpoint resolved once.
+
+`generate_presigned_url` re-resolves the endpoint ruleset and re-serialises the request on
+every call, which costs more than the signature itself. The URL prefix of a bucket never
+changes for a client, so it is taken once from boto3's own presigned URL and every later URL
+is signed with the same signer boto3 uses (`S3SigV4QueryAuth`) and the client's credentials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from botocore.auth import SIGV4_TIMESTAMP, S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
+from botocore.exceptions import NoCredentialsError
+
+from services.storage.base import PresignedUrl
+
+_PROBE_KEY = "presign-probe"
+
+
+class S3Presigner:
+    """Signs GET URLs for one bucket of one boto3 S3 client."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._region = client.meta.region_name
+        self._prefix: str | None = None
+
+    def _url_prefix(self) -> str:
+        if self._prefix is None:
+            probe = self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self._bucket, "Key": _PROBE_KEY}, ExpiresIn=1
+            )
+            parts = urlsplit(probe)
+            if not parts.path.endswith("/" + _PROBE_KEY):
+                raise RuntimeError(f"unexpected presigned URL layout: {parts.path}")
+            self._prefix = f"{parts.scheme}://{parts.netloc}{parts.path[: -len(_PROBE_KEY)]}"
+        return self._prefix
+
+    def _credentials(self) -> Any:
+        # The signer holds the client's credential provider; refreshable credentials
+        # refresh themselves in get_frozen_credentials(), as they do for boto3's own calls.
+        credentials = self._client._request_signer._credentials
+        if credentials is None:
+            raise NoCredentialsError()
+        return credentials.get_frozen_credentials()
+
+    def presign(self, key: str, expires_in: int) -> PresignedUrl:
+        """A GET URL for `key`, identical to boto3's `generate_presigned_url('get_object')`."""
+        request = AWSRequest(method="GET", url=self._url_prefix() + quote(key, safe="/~"))
+        S3SigV4QueryAuth(self._credentials(), "s3", self._region, expires=expires_in).add_auth(
+            request
+        )
+        signed_at = dt.datetime.strptime(request.context["timestamp"], SIGV4_TIMESTAMP)
+        expires_at = signed_at.replace(tzinfo=dt.UTC) + dt.timedelta(seconds=expires_in)
+        return PresignedUrl(request.prepare().url, expires_in, expires_at)

@@ -1,0 +1,194 @@
+"""WriteThroughStorageBackend: S3 as the durable tier, local disk as cache and fallback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from services.storage.base import ObjectInfo, PresignedUrl, StoredObject
+from services.storage.errors import IntegrityError, ObjectNotFoundError, StorageError
+from services.storage.local import LocalStorageBackend
+from services.storage.pending import PendingUploads
+from services.storage.s3 import S3StorageBackend
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+PENDING_DIR = ".storage/pending"
+
+
+class WriteThroughStorageBackend:
+    """Every write lands on local disk and in S3; a failed upload stays pending, never lost.
+
+    The local copy is written alongside the upload (not after it) and always kept: it serves
+    reads without a round trip and is what a pending upload is retried from.
+    """
+
+    name = "s3"
+
+    def __init__(
+        self, local: LocalStorageBackend, remote: S3StorageBackend, *, max_workers: int = 8
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self.pending = PendingUploads(local.root / PENDING_DIR)
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-upload")
+
+    @property
+    def bucket(self) -> str:
+        """The remote bucket."""
+        return self.remote.bucket
+
+    def _write_both(
+        self,
+        key: str,
+        content_type: str,
+        write_local: Callable[[], StoredObject],
+        upload: Callable[[], StoredObject],
+    ) -> StoredObject:
+        self.local.path_for(key)  # validates the key before anything is sent
+        upload_future: Future[StoredObject] = self._pool.submit(upload)
+        try:
+            stored = write_local()
+        except OSError as local_error:
+            # S3 is the durable tier: if it took the object, a failed cache write is no loss.
+            try:
+                uploaded = upload_future.result()
+            except Exception:
+                raise local_error from None
+            logger.warning("stored %s in S3 but not locally: %s", key, local_error)
+            return uploaded
+        try:
+            upload_future.result()
+        except StorageError as error:
+            record = self.pending.add(key, content_type, str(error))
+            logger.warning(
+                "upload of %s failed (attempt %d), kept locally: %s", key, record.attempts, error
+            )
+            return StoredObject(stored.info, pending=True)
+        self.pending.remove(key)
+        return stored
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Write locally and upload at the same time."""
+        return self._write_both(
+            key,
+            content_type,
+            lambda: self.local.put_bytes(key, data, content_type),
+            lambda: self.remote.put_bytes(key, data, content_type),
+        )
+
+    def put_file(self, key: str, source: Path, content_type: str) -> StoredObject:
+        """Copy locally and upload at the same time."""
+        source = Path(source)
+        if not source.is_file():
+            raise FileNotFoundError(f"no such file: {source}")
+        return self._write_both(
+            key,
+            content_type,
+            lambda: self.local.put_file(key, source, content_type),
+            lambda: self.remote.put_file(key, source, content_type),
+        )
+
+    def get_bytes(self, key: str) -> bytes:
+        """Local copy if present, else S3 (and keep a local copy)."""
+        try:
+            return self.local.get_bytes(key)
+        except ObjectNotFoundError:
+            pass
+        data = self.remote.get_bytes(key)
+        self._cache(key, data)
+        return data
+
+    def _cache(self, key: str, data: bytes) -> None:
+        try:
+            self.local.put_bytes(key, data, "application/octet-stream")
+        except OSError as error:  # the cache is an optimisation; a full disk must not fail reads
+            logger.warning("could not cache %s locally: %s", key, error)
+
+    def download(
+        self, key: str, destination: Path, expected_sha256: str | None = None
+    ) -> ObjectInfo:
+        """Copy from the local tier when it holds good bytes, else from S3."""
+        try:
+            return self.local.download(key, destination, expected_sha256)
+        except ObjectNotFoundError:
+            pass
+        except IntegrityError as error:
+            logger.warning("local copy of %s is damaged, fetching from S3: %s", key, error)
+        return self.remote.download(key, destination, expected_sha256)
+
+    def exists(self, key: str) -> bool:
+        """True when either tier holds the key (the local check needs no request)."""
+        return self.local.exists(key) or self.remote.exists(key)
+
+    def head(self, key: str) -> ObjectInfo:
+        """Metadata from S3, or from the local copy when only that exists."""
+        try:
+            return self.remote.head(key)
+        except ObjectNotFoundError:
+            return self.local.head(key)
+        except StorageError:
+            if self.local.exists(key):
+                return self.local.head(key)
+            raise
+
+    def delete(self, key: str) -> None:
+        """Delete from both tiers and forget any pending upload."""
+        self.pending.remove(key)
+        self.local.delete(key)
+        self.remote.delete(key)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys in S3 plus those still pending locally."""
+        remote = set(self.remote.list_keys(prefix))
+        folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        remote.update(key for key in self.pending_keys() if key.startswith(folder))
+        return sorted(remote)
+
+    def presign(self, key: str, expires_in: int) -> PresignedUrl:
+        """A presigned S3 URL."""
+        return self.remote.presign(key, expires_in)
+
+    def is_pending(self, key: str) -> bool:
+        """Whether `key` is held locally only."""
+        return key in self.pending
+
+    def is_cached_and_uploaded(self, key: str) -> bool:
+        """Whether the local tier holds `key` and its upload has succeeded."""
+        return key not in self.pending and self.local.exists(key)
+
+    def pending_keys(self) -> list[str]:
+        """Keys waiting for an upload."""
+        return [record.key for record in self.pending.records()]
+
+    def retry_pending(self) -> list[str]:
+        """Upload every pending key from its local copy; return those that succeeded."""
+        uploaded = []
+        for record in self.pending.records():
+            try:
+                source = self.local.path_for(record.key)
+                if not source.is_file():
+                    logger.error("pending upload %s has no local copy; dropping it", record.key)
+                    self.pending.remove(record.key)
+                    continue
+                self.remote.put_file(record.key, source, record.content_type)
+            except (StorageError, OSError) as error:
+                self.pending.add(record.key, record.content_type, str(error))
+                continue
+            self.pending.remove(record.key)
+            uploaded.append(record.key)
+        if uploaded:
+            logger.info("uploaded %d pending object(s)", len(uploaded))
+        return uploaded
+
+    def check(self) -> None:
+        """Raise a StorageError unless S3 answers."""
+        self.remote.check()
+
+    def close(self) -> None:
+        """Stop the upload threads and close the S3 client."""
+        self._pool.shutdown(wait=True)
+        self.remote.close()

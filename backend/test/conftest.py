@@ -1,0 +1,177 @@
+"""Shared fixtures: isolated settings, every storage mode behind one fixture, test images."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from config import REPO_ROOT, Settings, load_settings
+from services.asset_persistence import AssetPersistenceService
+from services.storage.s3 import make_s3_client
+from services.storage_backend import StorageBackend, get_storage_backend
+
+ENV_TEST = REPO_ROOT / ".env.test"
+SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the machine's settings and AWS credentials out of offline tests."""
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    if request.node.get_closest_marker("integration"):
+        return
+    nowhere = str(Path("/nonexistent") / "aws")
+    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings from .env.test, with the local tier in a temp dir and any overrides."""
+
+    def factory(**overrides: Any) -> Settings:
+        overrides.setdefault("output_dir", tmp_path / "outputs")
+        return load_settings(_env_file=ENV_TEST, **overrides)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3-compatible HTTP server on 127.0.0.1 (random port), for the whole session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def new_bucket_name() -> str:
+    """A fresh, valid bucket name."""
+    return f"test-{uuid.uuid4().hex[:20]}"
+
+
+@dataclass
+class StorageHarness:
+    """One storage mode, ready to use: settings, backend, service and a raw S3 client."""
+
+    mode: str
+    settings: Settings
+    backend: StorageBackend
+    service: AssetPersistenceService
+    s3: Any | None  # a separate boto3 client to inspect the bucket; None in local mode
+
+    @property
+    def is_s3(self) -> bool:
+        """Whether the durable tier is S3."""
+        return self.s3 is not None
+
+    def s3_object(self, key: str) -> dict[str, Any]:
+        """get_object of `key` through the inspection client."""
+        assert self.s3 is not None
+        return self.s3.get_object(Bucket=self.settings.storage_bucket, Key=key)
+
+
+def _harness(mode: str, settings: Settings, s3: Any | None) -> StorageHarness:
+    backend = get_storage_backend(settings)
+    return StorageHarness(mode, settings, backend, AssetPersistenceService(backend, settings=settings), s3)
+
+
+def _real_bucket_settings(make_settings: Callable[..., Settings]) -> Settings:
+    bucket = os.environ.get("STORAGE_BUCKET")
+    if not bucket or boto3.session.Session().get_credentials() is None:
+        pytest.skip("set STORAGE_BUCKET and AWS credentials to run against a real bucket")
+    return make_settings(
+        storage_backend="s3",
+        storage_bucket=bucket,
+        aws_region=os.environ.get("AWS_REGION", "us-east-1"),
+        aws_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+    )
+
+
+@pytest.fixture(
+    params=["local", "s3-moto", "s3-http", pytest.param("s3-real", marks=pytest.mark.integration)]
+)
+def storage_mode(request: pytest.FixtureRequest) -> str:
+    """The storage mode under test."""
+    return request.param
+
+
+@pytest.fixture
+def storage(
+    storage_mode: str, make_settings: Callable[..., Settings], request: pytest.FixtureRequest
+) -> Iterator[StorageHarness]:
+    """Every storage mode behind one fixture: local, S3 in-process, S3 over HTTP, real S3."""
+    if storage_mode == "local":
+        harness = _harness("local", make_settings(), None)
+        yield harness
+        return
+    if storage_mode == "s3-moto":
+        with mock_aws():
+            settings = make_settings(storage_backend="s3", storage_bucket=new_bucket_name())
+            s3 = make_s3_client(region=settings.aws_region)
+            s3.create_bucket(Bucket=settings.storage_bucket)
+            harness = _harness(storage_mode, settings, s3)
+            yield harness
+            harness.backend.close()
+        return
+    if storage_mode == "s3-http":
+        endpoint = request.getfixturevalue("moto_endpoint")
+        settings = make_settings(
+            storage_backend="s3", storage_bucket=new_bucket_name(), aws_endpoint_url=endpoint
+        )
+        s3 = make_s3_client(region=settings.aws_region, endpoint_url=endpoint)
+        s3.create_bucket(Bucket=settings.storage_bucket)
+        harness = _harness(storage_mode, settings, s3)
+        yield harness
+        harness.backend.close()
+        return
+    settings = _real_bucket_settings(make_settings)
+    s3 = make_s3_client(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    harness = _harness(storage_mode, settings, s3)
+    yield harness
+    # Remove what the test wrote: the local tier mirrors every key it sent.
+    for key in harness.backend.list_keys(""):
+        if key.startswith(("character_references/", "jobs/")):
+            s3.delete_object(Bucket=settings.storage_bucket, Key=key)
+    harness.backend.close()
+
+
+def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
+    """A small real image in the given Pillow format."""
+    image = Image.effect_noise(size, 64).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def write_image(tmp_path: Path) -> Callable[..., Path]:
+    """Write a real image file into a temp dir and return its path."""
+
+    def factory(name: str = "image.png", image_format: str = "PNG") -> Path:
+        path = tmp_path / "sources" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image_bytes(image_format))
+        return path
+
+    return factory

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-integration lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: $(VENV)/.runtime-installed
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	cd backend && ../$(BIN)/python -m pytest
+
+# Needs STORAGE_BUCKET and AWS credentials in the environment; skipped with a reason otherwise.
+test-integration: $(VENV)/.dev-installed
+	cd backend && ../$(BIN)/python -m pytest -m integration
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from services.asset_persistence import AssetPersistenceService  # noqa: E402
+from services.asset_persistence import AssetPersistenceService
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -36,7 +36,8 @@ async def main(image: Path) -> None:
         worker_a, worker_b = Path(scratch) / "a", Path(scratch) / "b"
         print("stored:", await service.persist_character_reference(image_id, image))
         print("url:", await service.get_character_reference_url(image_id, extension=image.suffix))
-        print("job:", await service.associate_character_images_with_job(job_id, [image_id], worker_a))
+        job_urls = await service.associate_character_images_with_job(job_id, [image_id], worker_a)
+        print("job:", job_urls)
         (worker_a / "frames").mkdir()
         (worker_a / "frames" / "0001.txt").write_text("frame one")
         assets = await service.persist_job_assets(job_id, worker_a)

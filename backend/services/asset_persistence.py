@@ -114,6 +114,11 @@ class AssetPersistenceService:
         self.storage = storage_backend or get_storage_backend(self.settings)
         self._local_urls = LocalAssetUrls(self.settings.public_base_url)
         self._max_workers = self.settings.storage_max_concurrency
+        # Capabilities are fixed per backend: check them once, not per URL.
+        self._signer = self.storage if isinstance(self.storage, SignsUrls) else None
+        self._pending_store = (
+            self.storage if isinstance(self.storage, HoldsPendingUploads) else None
+        )
 
     # ----------------------------------------------------------------- URLs
 
@@ -122,9 +127,9 @@ class AssetPersistenceService:
 
         Blocking (presigning may refresh credentials): call it off the event loop.
         """
-        pending = isinstance(self.storage, HoldsPendingUploads) and self.storage.is_pending(key)
-        if isinstance(self.storage, SignsUrls) and not pending:
-            return self.storage.presign(key, self.settings.presigned_url_expiry).url
+        pending = self._pending_store is not None and self._pending_store.is_pending(key)
+        if self._signer is not None and not pending:
+            return self._signer.presign(key, self.settings.presigned_url_expiry).url
         # Local mode, or an upload still pending: the API serves the local copy.
         return self._local_urls.for_key(key)
 
@@ -369,15 +374,15 @@ class AssetPersistenceService:
 
     async def retry_pending_uploads(self) -> list[str]:
         """Upload objects that earlier failed to reach S3; return the keys uploaded."""
-        if not isinstance(self.storage, HoldsPendingUploads):
+        if self._pending_store is None:
             return []
-        return await asyncio.to_thread(self.storage.retry_pending)
+        return await asyncio.to_thread(self._pending_store.retry_pending)
 
     def pending_uploads(self) -> Iterable[str]:
         """Keys stored locally that still wait for an upload."""
-        if not isinstance(self.storage, HoldsPendingUploads):
+        if self._pending_store is None:
             return []
-        return self.storage.pending_keys()
+        return self._pending_store.pending_keys()
 
 
 def _same_file_content(path: Path, entry: ManifestEntry) -> bool:

@@ -93,7 +93,8 @@ class StorageHarness:
 
 def _harness(mode: str, settings: Settings, s3: Any | None) -> StorageHarness:
     backend = get_storage_backend(settings)
-    return StorageHarness(mode, settings, backend, AssetPersistenceService(backend, settings=settings), s3)
+    service = AssetPersistenceService(backend, settings=settings)
+    return StorageHarness(mode, settings, backend, service, s3)
 
 
 def _real_bucket_settings(make_settings: Callable[..., Settings]) -> Settings:

@@ -126,10 +126,23 @@ def _server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_server_command_serves_health(tmp_path: Path) -> None:
     port = _free_port()
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1",
-               "--port", str(port)]
-    server = subprocess.Popen(command, cwd=BACKEND_DIR, env=_server_env(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "main:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        command,
+        cwd=BACKEND_DIR,
+        env=_server_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

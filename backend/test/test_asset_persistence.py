@@ -51,7 +51,7 @@ def make_job_directory(root: Path) -> Path:
         "frames/scene_02/deep/0001.webp": image_bytes("WEBP", (16, 16)),
         "audio/track.wav": b"RIFF" + bytes(range(256)) * 8,
         "video/final.mp4": b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 5000,
-        "prompt.txt": "a silver robot with a red shield\n".encode(),
+        "prompt.txt": b"a silver robot with a red shield\n",
     }
     for relative, data in files.items():
         path = root / relative
@@ -79,7 +79,9 @@ async def test_persist_standalone_writes_image_and_sidecar(
     assert (sidecar["width"], sidecar["height"]) == (64, 48)
     assert sidecar["content_type"] == "image/png"
     assert (sidecar["description"], sidecar["seed"], sidecar["backend"]) == (
-        "a silver robot", 7, "local"
+        "a silver robot",
+        7,
+        "local",
     )
     if storage.is_s3:
         stored = storage.s3_object(key)
@@ -130,9 +132,7 @@ async def test_content_types_follow_the_image_bytes(
     content_type: str,
 ) -> None:
     image_id = str(uuid.uuid4())
-    await storage.service.persist_character_reference(
-        image_id, write_image(filename, image_format)
-    )
+    await storage.service.persist_character_reference(image_id, write_image(filename, image_format))
     key = f"character_references/{image_id}.{extension}"
     assert storage.backend.head(key).content_type == content_type
     if storage.is_s3:
@@ -222,7 +222,12 @@ async def test_persist_job_assets_stores_nested_tree_and_manifest(
     result = await storage.service.persist_job_assets("job-1", job_dir)
 
     assert sorted(result) == [
-        "audio", "character_references", "files", "frames", "manifest", "video"
+        "audio",
+        "character_references",
+        "files",
+        "frames",
+        "manifest",
+        "video",
     ]
     assert len(result["character_references"]) == 1
     assert len(result["frames"]) == 3
@@ -233,7 +238,8 @@ async def test_persist_job_assets_stores_nested_tree_and_manifest(
     assert stored_keys == sorted(
         [f"jobs/job-1/{path}" for path in expected] + ["jobs/job-1/manifest.json"]
     )
-    manifest = JobManifest.model_validate_json(storage.backend.get_bytes("jobs/job-1/manifest.json"))
+    raw_manifest = storage.backend.get_bytes("jobs/job-1/manifest.json")
+    manifest = JobManifest.model_validate_json(raw_manifest)
     assert {entry.path: entry.sha256 for entry in manifest.files} == expected
     categories = {entry.path: entry.category for entry in manifest.files}
     assert categories["frames/scene_02/deep/0001.webp"] == "frames"
@@ -267,7 +273,7 @@ async def test_download_detects_corrupted_object_and_leaves_no_partial_file(
     storage.backend.put_bytes("jobs/job-3/video/final.mp4", b"tampered", "video/mp4")
     target = tmp_path / "restore"
 
-    with pytest.raises(IntegrityError, match="final.mp4"):
+    with pytest.raises(IntegrityError, match=r"final\.mp4"):
         await storage.service.download_job_assets("job-3", target)
 
     assert not (target / "video" / "final.mp4").exists()

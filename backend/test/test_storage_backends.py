@@ -34,7 +34,6 @@ from services.storage_backend import (
     get_storage_backend,
 )
 
-
 # ------------------------------------------------------------------ contract, every mode
 
 
@@ -49,7 +48,9 @@ def test_put_get_head_exists_delete(storage: StorageHarness) -> None:
     assert backend.get_bytes(key) == data
     head = backend.head(key)
     assert (head.size, head.content_type, head.sha256) == (
-        len(data), "text/plain", hashlib.sha256(data).hexdigest()
+        len(data),
+        "text/plain",
+        hashlib.sha256(data).hexdigest(),
     )
     backend.delete(key)
     backend.delete(key)  # deleting twice is fine
@@ -210,7 +211,8 @@ async def test_presigned_urls_fetch_the_stored_bytes(
     client.create_bucket(Bucket=settings.storage_bucket)
     service = AssetPersistenceService(get_storage_backend(settings), settings=settings)
     for name, image_format, content_type in [
-        ("a.png", "PNG", "image/png"), ("b.jpg", "JPEG", "image/jpeg"),
+        ("a.png", "PNG", "image/png"),
+        ("b.jpg", "JPEG", "image/jpeg"),
         ("c.webp", "WEBP", "image/webp"),
     ]:
         source = tmp_path / name

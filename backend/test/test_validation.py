@@ -22,17 +22,49 @@ from services.storage.keys import (
 from services.storage_backend import InvalidKeyError, LocalStorageBackend
 
 BAD_IMAGE_IDS = [
-    "", "../x", "/etc/passwd", "%2e%2e", "..%2f..%2fetc", "..", "not-a-uuid",
-    "12345678-1234-1234-1234-12345678901", "12345678-1234-1234-1234-1234567890123",
-    f"{uuid.uuid4()}/../x", f"{uuid.uuid4()}\x00", None, 42,
+    "",
+    "../x",
+    "/etc/passwd",
+    "%2e%2e",
+    "..%2f..%2fetc",
+    "..",
+    "not-a-uuid",
+    "12345678-1234-1234-1234-12345678901",
+    "12345678-1234-1234-1234-1234567890123",
+    f"{uuid.uuid4()}/../x",
+    f"{uuid.uuid4()}\x00",
+    None,
+    42,
 ]
 BAD_JOB_IDS = [
-    "", "../x", "/abs/path", "%2e%2e", "..", ".hidden", "a/b", "a\\b", "job\n", "-leading",
-    "x" * 129, "job id", "jöb", None,
+    "",
+    "../x",
+    "/abs/path",
+    "%2e%2e",
+    "..",
+    ".hidden",
+    "a/b",
+    "a\\b",
+    "job\n",
+    "-leading",
+    "x" * 129,
+    "job id",
+    "jöb",
+    None,
 ]
 BAD_KEYS = [
-    "", "/abs", "../x", "a/../b", "a/./b", "a//b", "a/", ".storage/pending/x", "a\\b",
-    "a/%2e%2e/b", "a/\x00", "x" * 1025,
+    "",
+    "/abs",
+    "../x",
+    "a/../b",
+    "a/./b",
+    "a//b",
+    "a/",
+    ".storage/pending/x",
+    "a\\b",
+    "a/%2e%2e/b",
+    "a/\x00",
+    "x" * 1025,
 ]
 
 
@@ -42,7 +74,10 @@ class NoIOStorage:
     name = "no-io"
 
     def __getattr__(self, attribute: str) -> Any:
-        raise AssertionError(f"storage.{attribute} was called for an invalid id")
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise AssertionError(f"storage.{attribute} was called for an invalid id")
+
+        return refuse
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 import uuid
 
 from services.storage.errors import InvalidKeyError
@@ -14,6 +13,7 @@ JOB_CHARACTER_REFERENCE_DIR = "character_reference"
 MANIFEST_NAME = "manifest.json"
 MAX_KEY_BYTES = 1024
 
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Extension of stored images -> content type. "jpeg" is stored as "jpg" so one image has one key.
 IMAGE_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
@@ -55,7 +55,7 @@ def validate_key(key: object) -> str:
         raise InvalidKeyError(f"storage key is longer than {MAX_KEY_BYTES} bytes")
     if key.startswith("/") or "\\" in key or "%" in key:
         raise InvalidKeyError(f"storage key must be relative, without '\\' or '%': {key!r}")
-    if any(unicodedata.category(char) in {"Cc", "Cs"} for char in key):
+    if _CONTROL_OR_SURROGATE.search(key):
         raise InvalidKeyError(f"storage key contains control characters: {key!r}")
     segments = key.split("/")
     if any(segment in {"", ".", ".."} for segment in segments):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import os
+import stat
 from pathlib import Path
 
 from services.storage.atomic import CHUNK_SIZE, atomic_writer, is_temp_file, sha256_file
@@ -42,16 +43,23 @@ class LocalStorageBackend:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
+        self._root_str = str(self.root)
 
     def path_for(self, key: str) -> Path:
         """The file that holds `key`; raises InvalidKeyError if it would leave the root."""
         validate_key(key)
-        path = self.root.joinpath(*key.split("/"))
-        # A symlink planted inside the root must not lead outside it.
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.root):
-            raise InvalidKeyError(f"storage key escapes the storage root: {key!r}")
-        return path
+        current = self._root_str
+        # The root is resolved already, so only a symlink planted below it could lead
+        # outside; lstat-ing the key's few components is far cheaper than resolve().
+        for part in key.split("/"):
+            current = os.path.join(current, part)  # noqa: PTH118 - str paths: hot path
+            try:
+                mode = os.lstat(current).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                break  # nothing exists deeper, so nothing deeper is a link
+            if stat.S_ISLNK(mode) and not Path(current).resolve().is_relative_to(self.root):
+                raise InvalidKeyError(f"storage key escapes the storage root: {key!r}")
+        return Path(self._root_str, key)
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
         """Write `data` under `key` atomically."""

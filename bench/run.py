@@ -1,0 +1,216 @@
+"""Storage benchmarks: the service against bare boto3, measured in the same run.
+
+Run with `make bench` (or, from backend/, `python ../bench/run.py`). An S3-compatible server
+(moto) runs on 127.0.0.1 in its own process, so it does not share a GIL with what is measured.
+
+1. Presigned URLs per second: `AssetPersistenceService.get_character_reference_url` (id check,
+   existence check, presign, awaited from the event loop) against a bare boto3
+   `generate_presigned_url` loop over the same keys.
+2. Persist throughput for 1-2 MB PNGs: `persist_character_reference` (local write-through copy,
+   sidecar, SHA-256 checksum, URL) against a bare boto3 `put_object` loop, sequentially and
+   with 4 in flight.
+Each figure is the median of several alternating rounds; the ratio is service / bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BACKEND_DIR = Path(__file__).resolve().parents[1] / "backend"
+sys.path.insert(0, str(BACKEND_DIR))
+
+from PIL import Image  # noqa: E402
+
+from config import load_settings  # noqa: E402
+from services.asset_persistence import AssetPersistenceService  # noqa: E402
+from services.storage.s3 import make_s3_client  # noqa: E402
+from services.storage_backend import get_storage_backend  # noqa: E402
+
+BUCKET = "bench-bucket"
+
+
+def start_moto_server() -> tuple[subprocess.Popen[bytes], str]:
+    """Start moto's S3 server in a child process on a free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def make_pngs(directory: Path, count: int) -> list[Path]:
+    """Random-pixel PNGs of 1-2 MB (random pixels do not compress: the size is what is sent)."""
+    paths = []
+    for index in range(count):
+        side = 600 + (index % 5) * 50  # 600..800 px square: 1.1-1.9 MB
+        path = directory / f"bench-{index}.png"
+        pixels = os.urandom(side * side * 3)
+        Image.frombytes("RGB", (side, side), pixels).save(path, compress_level=1)
+        paths.append(path)
+    return paths
+
+
+def median_rate(rounds: list[float]) -> float:
+    """Median of per-round rates."""
+    return statistics.median(rounds)
+
+
+async def timed(count: int, run: Callable[[], Awaitable[None]]) -> float:
+    """Operations per second of one awaited round of `count` operations."""
+    start = time.perf_counter()
+    await run()
+    return count / (time.perf_counter() - start)
+
+
+async def bench_presign(
+    service: AssetPersistenceService, client, ids: list[str], calls: int, rounds: int
+) -> tuple[float, float]:
+    """(service rate, bare rate) for presigned URLs."""
+    keys = [f"character_references/{image_id}.png" for image_id in ids]
+    expiry = service.settings.presigned_url_expiry
+
+    async def through_service() -> None:
+        for index in range(calls):
+            url = await service.get_character_reference_url(ids[index % len(ids)])
+            assert url is not None
+
+    async def bare() -> None:
+        for index in range(calls):
+            client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": BUCKET, "Key": keys[index % len(keys)]},
+                ExpiresIn=expiry,
+            )
+
+    service_rates, bare_rates = [], []
+    for _ in range(rounds):
+        bare_rates.append(await timed(calls, bare))
+        service_rates.append(await timed(calls, through_service))
+    return median_rate(service_rates), median_rate(bare_rates)
+
+
+async def bench_persist(
+    service: AssetPersistenceService, client, pngs: list[Path], concurrency: int, rounds: int
+) -> tuple[float, float, float]:
+    """(service MB/s, bare MB/s, average MB per image) for persisting the PNGs."""
+    total_mb = sum(path.stat().st_size for path in pngs) / 1e6
+    pool = ThreadPoolExecutor(concurrency)
+    loop = asyncio.get_running_loop()
+
+    def put(path: Path) -> None:
+        with path.open("rb") as body:
+            client.put_object(
+                Bucket=BUCKET, Key=f"bare/{uuid.uuid4()}.png", Body=body, ContentType="image/png"
+            )
+
+    async def bare() -> None:
+        await asyncio.gather(*(loop.run_in_executor(pool, put, path) for path in pngs))
+
+    async def through_service() -> None:
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(path: Path) -> None:
+            async with limit:
+                await service.persist_character_reference(str(uuid.uuid4()), path)
+
+        await asyncio.gather(*(one(path) for path in pngs))
+
+    service_rates, bare_rates = [], []
+    for _ in range(rounds):
+        bare_rates.append(await timed(1, bare) * total_mb)
+        service_rates.append(await timed(1, through_service) * total_mb)
+    pool.shutdown()
+    return median_rate(service_rates), median_rate(bare_rates), total_mb / len(pngs)
+
+
+async def main(args: argparse.Namespace) -> int:
+    """Run both benchmarks and print the table; exit 1 if a ratio is under --min-ratio."""
+    server, endpoint = start_moto_server()
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch_dir = Path(scratch)
+            settings = load_settings(
+                _env_file=None,
+                storage_backend="s3",
+                storage_bucket=BUCKET,
+                aws_endpoint_url=endpoint,
+                output_dir=scratch_dir / "outputs",
+            )
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+            client = make_s3_client(
+                region=settings.aws_region, endpoint_url=endpoint, max_pool_connections=32
+            )
+            client.create_bucket(Bucket=BUCKET)
+            backend = get_storage_backend(settings)
+            service = AssetPersistenceService(backend, settings=settings)
+
+            small = scratch_dir / "small.png"
+            Image.effect_noise((64, 64), 50).convert("RGB").save(small)
+            ids = [str(uuid.uuid4()) for _ in range(args.presign_images)]
+            for image_id in ids:
+                await service.persist_character_reference(image_id, small)
+            pngs = make_pngs(scratch_dir, args.persist_images)
+
+            rows = []
+            service_rate, bare_rate = await bench_presign(
+                service, client, ids, args.presign_calls, args.rounds
+            )
+            rows.append(("presigned URLs / s", service_rate, bare_rate))
+            for concurrency in (1, 4):
+                svc_mb, bare_mb, avg_mb = await bench_persist(
+                    service, client, pngs, concurrency, args.rounds
+                )
+                rows.append(
+                    (
+                        f"persist MB/s ({avg_mb:.1f} MB PNGs, {concurrency} in flight)",
+                        svc_mb,
+                        bare_mb,
+                    )
+                )
+            backend.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    print(f"{'benchmark':<44} {'service':>10} {'bare boto3':>11} {'ratio':>7}")
+    failed = False
+    for name, service_value, bare_value in rows:
+        ratio = service_value / bare_value
+        failed |= ratio < args.min_ratio
+        print(f"{name:<44} {service_value:>10.1f} {bare_value:>11.1f} {ratio:>7.2f}")
+    print(f"(median of {args.rounds} alternating rounds; goal: ratio >= {args.min_ratio})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--presign-calls", type=int, default=2000)
+    parser.add_argument("--presign-images", type=int, default=100)
+    parser.add_argument("--persist-images", type=int, default=24)
+    parser.add_argument("--min-ratio", type=float, default=0.8)
+    sys.exit(asyncio.run(main(parser.parse_args())))

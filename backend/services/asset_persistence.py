@@ -40,6 +40,7 @@ from services.storage_backend import (
     HoldsPendingUploads,
     InvalidKeyError,
     ObjectNotFoundError,
+    SignsKnownKeysWithoutIO,
     SignsUrls,
     StorageBackend,
     StorageError,
@@ -119,6 +120,9 @@ class AssetPersistenceService:
         self._pending_store = (
             self.storage if isinstance(self.storage, HoldsPendingUploads) else None
         )
+        self._inline_signer = (
+            self.storage if isinstance(self.storage, SignsKnownKeysWithoutIO) else None
+        )
 
     # ----------------------------------------------------------------- URLs
 
@@ -144,6 +148,12 @@ class AssetPersistenceService:
             key = character_reference_key(image_id, extension)
         else:
             key = job_character_reference_key(job_id, image_id, extension)
+        if self._inline_signer is not None:
+            # A key known to be in S3 with credentials that need no refresh is pure
+            # computation; a hop to a worker thread would cost more than the signature.
+            signed = self._inline_signer.presign_known(key, self.settings.presigned_url_expiry)
+            if signed is not None:
+                return signed.url
         return await asyncio.to_thread(self._url_if_exists, key)
 
     # ------------------------------------------------- character references

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import botocore.auth
 import httpx
 import pytest
+from botocore.credentials import RefreshableCredentials
+from botocore.exceptions import EndpointConnectionError
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
@@ -320,3 +323,69 @@ def test_write_through_reads_from_s3_when_not_cached(storage: StorageHarness) ->
     (storage.settings.output_dir / "jobs/cache/a.txt").unlink()
     assert storage.backend.get_bytes("jobs/cache/a.txt") == b"cached"
     assert (storage.settings.output_dir / "jobs/cache/a.txt").read_bytes() == b"cached"
+
+
+# ----------------------------------------------------- presigning on the loop without I/O
+
+
+def _refuse_uploads(client: object) -> None:
+    """Make every PutObject fail as if S3 were unreachable (a botocore event hook)."""
+
+    def unreachable(**kwargs: object) -> None:
+        raise EndpointConnectionError(endpoint_url="http://s3.unreachable")
+
+    client.meta.events.register("before-send.s3.PutObject", unreachable)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])
+def test_presign_known_only_for_keys_known_to_be_in_s3(storage: StorageHarness) -> None:
+    backend = storage.backend
+    assert isinstance(backend, WriteThroughStorageBackend)
+    key = f"character_references/{uuid.uuid4()}.png"
+    assert backend.presign_known(key, 60) is None  # never seen
+    backend.put_bytes(key, b"x", "image/png")
+    signed = backend.presign_known(key, 60)
+    assert signed is not None and urlsplit(signed.url).path.endswith(key)
+    backend.delete(key)
+    assert backend.presign_known(key, 60) is None
+
+    _refuse_uploads(backend.remote._client)
+    pending_key = f"character_references/{uuid.uuid4()}.png"
+    assert backend.put_bytes(pending_key, b"y", "image/png").pending
+    assert backend.presign_known(pending_key, 60) is None
+
+
+@pytest.mark.parametrize("storage_mode", ["s3-moto"])
+async def test_credentials_due_for_refresh_are_refreshed_off_the_loop(
+    storage: StorageHarness, write_image: Callable[..., Path]
+) -> None:
+    image_id = str(uuid.uuid4())
+    await storage.service.persist_character_reference(image_id, write_image())
+    refreshed_on: list[str] = []
+
+    def refresh() -> dict[str, str]:
+        refreshed_on.append(threading.current_thread().name)
+        expiry = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        return {
+            "access_key": "k2",
+            "secret_key": "s2",
+            "token": "t2",
+            "expiry_time": expiry.isoformat(),
+        }
+
+    almost_expired = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)).isoformat()
+    credentials = RefreshableCredentials.create_from_metadata(
+        {"access_key": "k1", "secret_key": "s1", "token": "t1", "expiry_time": almost_expired},
+        refresh_using=refresh,
+        method="test",
+    )
+    backend = storage.backend
+    assert isinstance(backend, WriteThroughStorageBackend)
+    backend.remote._client._request_signer._credentials = credentials
+    assert not backend.remote.signs_without_io()
+
+    url = await storage.service.get_character_reference_url(image_id)
+
+    assert url is not None and "X-Amz-Credential=k2" in url
+    assert refreshed_on and refreshed_on[0] != threading.main_thread().name
+    assert backend.remote.signs_without_io()  # fresh credentials: the next one is inline

@@ -91,6 +91,15 @@ class SignsUrls(Protocol):
 
 
 @runtime_checkable
+class SignsKnownKeysWithoutIO(Protocol):
+    """A store that can presign keys it knows to exist without touching disk or network."""
+
+    def presign_known(self, key: str, expires_in: int) -> PresignedUrl | None:
+        """A URL, or None when answering would need I/O (unknown key, credential refresh)."""
+        ...
+
+
+@runtime_checkable
 class HoldsPendingUploads(Protocol):
     """A tiered store that keeps writes locally until the remote tier accepts them."""
 

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import NoCredentialsError
 
 from services.storage.base import PresignedUrl
@@ -53,6 +54,21 @@ class S3Presigner:
                 raise RuntimeError(f"unexpected presigned URL layout: {parts.path}")
             self._prefix = f"{parts.scheme}://{parts.netloc}{parts.path[: -len(_PROBE_KEY)]}"
         return self._prefix
+
+    def signs_without_io(self) -> bool:
+        """Whether signing now is pure computation: the prefix is known and the credentials
+        are static or not yet due for a refresh (a refresh may call STS or instance metadata).
+        """
+        credentials = self._client._request_signer._credentials
+        if credentials is None:
+            return False
+        if isinstance(credentials, RefreshableCredentials):
+            ready = not credentials.refresh_needed()
+        else:
+            ready = isinstance(credentials, Credentials)
+        if ready and self._prefix is None:
+            self._url_prefix()  # endpoint resolution is computation once credentials are ready
+        return ready
 
     def _credentials(self) -> Any:
         # The signer holds the client's credential provider; refreshable credentials

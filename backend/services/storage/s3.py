@@ -200,6 +200,10 @@ class S3StorageBackend:
         with _translated("presign", key):
             return self._presigner.presign(key, expires_in)
 
+    def signs_without_io(self) -> bool:
+        """Whether presign() would run without any network call right now."""
+        return self._presigner.signs_without_io()
+
     def check(self) -> None:
         """Raise a StorageError unless the bucket answers."""
         with _translated("head_bucket", self.bucket):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,30 @@ from services.storage.s3 import S3StorageBackend
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PENDING_DIR = ".storage/pending"
+
+
+class KnownKeys:
+    """A bounded set of keys known to be stored in S3 (oldest forgotten first)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._keys: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str) -> None:
+        """Remember `key`."""
+        with self._lock:
+            self._keys[key] = None
+            if len(self._keys) > self._capacity:
+                del self._keys[next(iter(self._keys))]
+
+    def discard(self, key: str) -> None:
+        """Forget `key`."""
+        with self._lock:
+            self._keys.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
 
 
 class WriteThroughStorageBackend:
@@ -34,6 +59,7 @@ class WriteThroughStorageBackend:
         self.local = local
         self.remote = remote
         self.pending = PendingUploads(local.root / PENDING_DIR)
+        self.known = KnownKeys()
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-upload")
 
     @property
@@ -59,16 +85,19 @@ class WriteThroughStorageBackend:
             except Exception:
                 raise local_error from None
             logger.warning("stored %s in S3 but not locally: %s", key, local_error)
+            self.known.add(key)
             return uploaded
         try:
             upload_future.result()
         except StorageError as error:
+            self.known.discard(key)
             record = self.pending.add(key, content_type, str(error))
             logger.warning(
                 "upload of %s failed (attempt %d), kept locally: %s", key, record.attempts, error
             )
             return StoredObject(stored.info, pending=True)
         self.pending.remove(key)
+        self.known.add(key)
         return stored
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
@@ -122,7 +151,11 @@ class WriteThroughStorageBackend:
 
     def exists(self, key: str) -> bool:
         """True when either tier holds the key (the local check needs no request)."""
-        return self.local.exists(key) or self.remote.exists(key)
+        if not (self.local.exists(key) or self.remote.exists(key)):
+            return False
+        if key not in self.pending:
+            self.known.add(key)
+        return True
 
     def head(self, key: str) -> ObjectInfo:
         """Metadata from S3, or from the local copy when only that exists."""
@@ -137,6 +170,7 @@ class WriteThroughStorageBackend:
 
     def delete(self, key: str) -> None:
         """Delete from both tiers and forget any pending upload."""
+        self.known.discard(key)
         self.pending.remove(key)
         self.local.delete(key)
         self.remote.delete(key)
@@ -151,6 +185,15 @@ class WriteThroughStorageBackend:
     def presign(self, key: str, expires_in: int) -> PresignedUrl:
         """A presigned S3 URL."""
         return self.remote.presign(key, expires_in)
+
+    def presign_known(self, key: str, expires_in: int) -> PresignedUrl | None:
+        """Presign without any I/O when `key` is known to be in S3, else None.
+
+        Safe to call on the event loop: a set lookup and a signature, no file or network access.
+        """
+        if key in self.known and key not in self.pending and self.remote.signs_without_io():
+            return self.remote.presign(key, expires_in)
+        return None
 
     def is_pending(self, key: str) -> bool:
         """Whether `key` is held locally only."""
@@ -179,6 +222,7 @@ class WriteThroughStorageBackend:
                 self.pending.add(record.key, record.content_type, str(error))
                 continue
             self.pending.remove(record.key)
+            self.known.add(record.key)
             uploaded.append(record.key)
         if uploaded:
             logger.info("uploaded %d pending object(s)", len(uploaded))

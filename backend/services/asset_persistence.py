@@ -33,7 +33,7 @@ from services.storage.keys import (
     normalize_image_extension,
     parse_image_id,
     parse_job_id,
-    validate_relative_path,
+    validate_key,
 )
 from services.storage.local import content_type_for
 from services.storage_backend import (
@@ -137,6 +137,21 @@ class AssetPersistenceService:
         # Local mode, or an upload still pending: the API serves the local copy.
         return self._local_urls.for_key(key)
 
+    def _inline_url(self, key: str) -> str | None:
+        """A presigned URL computed on the caller's thread, or None when that would need I/O.
+
+        A key known to be in S3, with credentials that need no refresh, is pure computation,
+        cheaper than the hop to a worker thread.
+        """
+        if self._inline_signer is None:
+            return None
+        signed = self._inline_signer.presign_known(key, self.settings.presigned_url_expiry)
+        return None if signed is None else signed.url
+
+    async def _url_for_stored_key(self, key: str) -> str:
+        """URL of a key just written."""
+        return self._inline_url(key) or await asyncio.to_thread(self.url_for_key, key)
+
     def _url_if_exists(self, key: str) -> str | None:
         return self.url_for_key(key) if self.storage.exists(key) else None
 
@@ -148,13 +163,7 @@ class AssetPersistenceService:
             key = character_reference_key(image_id, extension)
         else:
             key = job_character_reference_key(job_id, image_id, extension)
-        if self._inline_signer is not None:
-            # A key known to be in S3 with credentials that need no refresh is pure
-            # computation; a hop to a worker thread would cost more than the signature.
-            signed = self._inline_signer.presign_known(key, self.settings.presigned_url_expiry)
-            if signed is not None:
-                return signed.url
-        return await asyncio.to_thread(self._url_if_exists, key)
+        return self._inline_url(key) or await asyncio.to_thread(self._url_if_exists, key)
 
     # ------------------------------------------------- character references
 
@@ -194,7 +203,7 @@ class AssetPersistenceService:
             await asyncio.to_thread(
                 self.storage.put_bytes, key, image.data, image.kind.content_type
             )
-            return await asyncio.to_thread(self.url_for_key, key)
+            return await self._url_for_stored_key(key)
 
         key = character_reference_key(image_id, image.kind.extension)
         record = CharacterReferenceRecord(
@@ -216,7 +225,7 @@ class AssetPersistenceService:
                 "application/json",
             ),
         )
-        return await asyncio.to_thread(self.url_for_key, key)
+        return await self._url_for_stored_key(key)
 
     def _read_record(self, image_id: str) -> CharacterReferenceRecord | None:
         try:
@@ -290,7 +299,7 @@ class AssetPersistenceService:
                 if path.is_symlink():
                     logger.warning("skipping symlink in job directory: %s", relative)
                     continue
-                validate_relative_path(relative)
+                validate_key(relative)
                 category = _category_of(relative)
                 if category in _RESERVED_CATEGORIES:
                     raise InvalidKeyError(f"top-level folder name {category!r} is reserved")

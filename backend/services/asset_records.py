@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.storage.keys import validate_relative_path
+from services.storage.keys import validate_key
 
 
 def utc_now() -> datetime:
@@ -56,7 +56,7 @@ class ManifestEntry(BaseModel):
     @classmethod
     def _safe_path(cls, value: str) -> str:
         # A manifest read back from storage decides where files are written: check it.
-        return validate_relative_path(value)
+        return validate_key(value)
 
 
 class JobManifest(BaseModel):

@@ -389,3 +389,23 @@ async def test_credentials_due_for_refresh_are_refreshed_off_the_loop(
     assert url is not None and "X-Amz-Credential=k2" in url
     assert refreshed_on and refreshed_on[0] != threading.main_thread().name
     assert backend.remote.signs_without_io()  # fresh credentials: the next one is inline
+
+
+def test_s3_client_from_settings_is_sigv4_with_bounded_retries(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(
+        storage_backend="s3",
+        storage_bucket="some-bucket",
+        s3_max_attempts=4,
+        s3_connect_timeout=1.5,
+        aws_endpoint_url="http://127.0.0.1:9",
+    )
+    backend = get_storage_backend(settings)
+    assert isinstance(backend, WriteThroughStorageBackend)
+    config = backend.remote._client.meta.config
+    assert config.signature_version == "s3v4"
+    assert config.retries == {"total_max_attempts": 4, "mode": "standard"}  # first try included
+    assert config.connect_timeout == 1.5
+    assert backend.remote._client.meta.endpoint_url == "http://127.0.0.1:9"
+    backend.close()

@@ -65,12 +65,6 @@ def validate_key(key: object) -> str:
     return key
 
 
-def validate_relative_path(path: str) -> str:
-    """Check a path inside a job directory (as written in a manifest): same rules as a key."""
-    validate_key(path)
-    return path
-
-
 def character_reference_key(image_id: str, extension: str) -> str:
     """Key of a standalone character reference image."""
     name = f"{parse_image_id(image_id)}.{normalize_image_extension(extension)}"
@@ -89,7 +83,7 @@ def job_prefix(job_id: str) -> str:
 
 def job_asset_key(job_id: str, relative_path: str) -> str:
     """Key of a file at `relative_path` inside the job directory."""
-    return validate_key(job_prefix(job_id) + validate_relative_path(relative_path))
+    return validate_key(job_prefix(job_id) + validate_key(relative_path))
 
 
 def job_character_reference_key(job_id: str, image_id: str, extension: str) -> str:

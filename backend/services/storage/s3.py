@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -51,7 +51,7 @@ def make_s3_client(
     """A thread-safe S3 client: SigV4, bounded standard-mode retries, explicit timeouts."""
     config = Config(
         signature_version="s3v4",
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=max_pool_connections,
@@ -91,29 +91,33 @@ class S3StorageBackend:
         self._client = client
         self._presigner = S3Presigner(client, bucket)
 
-    def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
-        """Upload `data` in one PUT with its SHA-256, verified by the store."""
-        validate_key(key)
-        digest = hashlib.sha256(data).digest()
+    def _put_object(self, key: str, body: bytes | BinaryIO, sha256: str, content_type: str) -> None:
         with _translated("upload", key):
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
-                Body=data,
+                Body=body,
                 ContentType=content_type,
-                ChecksumSHA256=base64.b64encode(digest).decode("ascii"),
-                Metadata={_SHA256_METADATA: digest.hex()},
+                ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode("ascii"),
+                Metadata={_SHA256_METADATA: sha256},
             )
-        return StoredObject(ObjectInfo(key, len(data), content_type, digest.hex()))
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Upload `data` in one PUT with its SHA-256, verified by the store."""
+        validate_key(key)
+        sha256 = hashlib.sha256(data).hexdigest()
+        self._put_object(key, data, sha256, content_type)
+        return StoredObject(ObjectInfo(key, len(data), content_type, sha256))
 
     def put_file(self, key: str, source: Path, content_type: str) -> StoredObject:
-        """Upload a file: one PUT up to SINGLE_PUT_LIMIT, multipart with checksums above."""
+        """Upload a file, streamed: one PUT up to SINGLE_PUT_LIMIT, multipart above."""
         validate_key(key)
         source = Path(source)
-        size = source.stat().st_size
+        sha256, size = sha256_file(source)  # the checksum header goes before the body
         if size <= SINGLE_PUT_LIMIT:
-            return self.put_bytes(key, source.read_bytes(), content_type)
-        sha256, size = sha256_file(source)
+            with source.open("rb") as body:
+                self._put_object(key, body, sha256, content_type)
+            return StoredObject(ObjectInfo(key, size, content_type, sha256))
         with _translated("upload", key):
             self._client.upload_file(
                 str(source),

@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 from services.storage.base import ObjectInfo, PresignedUrl, StoredObject
 from services.storage.errors import IntegrityError, ObjectNotFoundError, StorageError
@@ -16,7 +15,6 @@ from services.storage.pending import PendingUploads
 from services.storage.s3 import S3StorageBackend
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 PENDING_DIR = ".storage/pending"
 
 
@@ -198,10 +196,6 @@ class WriteThroughStorageBackend:
     def is_pending(self, key: str) -> bool:
         """Whether `key` is held locally only."""
         return key in self.pending
-
-    def is_cached_and_uploaded(self, key: str) -> bool:
-        """Whether the local tier holds `key` and its upload has succeeded."""
-        return key not in self.pending and self.local.exists(key)
 
     def pending_keys(self) -> list[str]:
         """Keys waiting for an upload."""

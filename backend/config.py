@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     local_device: Literal["auto", "cuda", "cpu"] = "auto"
     replicate_api_token: SecretStr | None = None
     replicate_model: str = "black-forest-labs/flux-schnell"
+    replicate_max_attempts: int = Field(default=4, ge=1, le=10)
+    generation_queue_size: int = Field(default=8, ge=1, le=1000)
+    generation_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
 
     @field_validator("storage_bucket", "aws_endpoint_url", "public_base_url", mode="before")
     @classmethod

@@ -11,8 +11,13 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from config import Settings, SettingsError, get_settings
-from routers import system
+from routers import mv, system
+from routers.errors import install_error_handlers
 from services.asset_persistence import AssetPersistenceService
+from services.character_references import CharacterReferenceService
+from services.generation.policy import GenerationPolicy
+from services.image_delivery import ImageDelivery
+from services.image_generation import build_generation_policy
 from services.storage_backend import StorageBackend, get_storage_backend
 from version import __version__
 
@@ -30,17 +35,29 @@ async def retry_pending_uploads_forever(service: AssetPersistenceService, interv
 
 
 def create_app(
-    settings: Settings | None = None, *, storage_backend: StorageBackend | None = None
+    settings: Settings | None = None,
+    *,
+    storage_backend: StorageBackend | None = None,
+    generation_policy: GenerationPolicy | None = None,
 ) -> FastAPI:
-    """Build the application; services are created once, when it starts."""
+    """Build the application; services are created once, when it starts.
+
+    `storage_backend` and `generation_policy` replace the ones settings would build (tests,
+    embedding); the app then leaves closing them to the caller.
+    """
     settings = settings or get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         storage = storage_backend or get_storage_backend(settings)
         assets = AssetPersistenceService(storage, settings=settings)
+        policy = generation_policy or build_generation_policy(settings)
+        policy.start()  # the local model loads in the background; requests wait for it
         app.state.settings = settings
         app.state.assets = assets
+        app.state.generation = policy
+        app.state.character_references = CharacterReferenceService(assets, policy)
+        app.state.delivery = ImageDelivery(assets)
         retrier = asyncio.create_task(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)
         )
@@ -50,6 +67,8 @@ def create_app(
             retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retrier
+            if generation_policy is None:
+                await policy.aclose()
             if storage_backend is None:
                 await asyncio.to_thread(storage.close)
 
@@ -59,7 +78,9 @@ def create_app(
         description="Character reference images, their storage, and video-job assets.",
         lifespan=lifespan,
     )
+    install_error_handlers(app)
     app.include_router(system.router)
+    app.include_router(mv.router)
     return app
 
 

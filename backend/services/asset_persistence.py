@@ -57,6 +57,7 @@ __all__ = [
     "AssetPersistenceService",
     "CharacterReferenceNotFoundError",
     "JobNotFoundError",
+    "StoredCharacterReference",
     "UnsupportedImageError",
 ]
 
@@ -82,6 +83,24 @@ class _PreparedImage:
     data: bytes
     kind: ImageKind
     sha256: str
+
+
+def _prepare_bytes(data: bytes, kind: ImageKind | None = None) -> _PreparedImage:
+    kind = kind or identify_image(data)
+    return _PreparedImage(data, kind, hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCharacterReference:
+    """Where a character reference was stored, and what it is."""
+
+    id: str
+    key: str
+    url: str
+    cloud_url: str | None
+    kind: ImageKind
+    sha256: str
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +150,7 @@ class AssetPersistenceService:
 
         Blocking (presigning may refresh credentials): call it off the event loop.
         """
-        pending = self._pending_store is not None and self._pending_store.is_pending(key)
-        if self._signer is not None and not pending:
+        if self._signer is not None and self._is_signed_url(key):
             return self._signer.presign(key, self.settings.presigned_url_expiry).url
         # Local mode, or an upload still pending: the API serves the local copy.
         return self._local_urls.for_key(key)
@@ -180,7 +198,7 @@ class AssetPersistenceService:
             raise UnsupportedImageError(
                 f"{source.name}: the name says {suffix} but the content is {kind.extension}"
             )
-        return _PreparedImage(data, kind, hashlib.sha256(data).hexdigest())
+        return _prepare_bytes(data, kind)
 
     async def persist_character_reference(
         self,
@@ -204,7 +222,33 @@ class AssetPersistenceService:
                 self.storage.put_bytes, key, image.data, image.kind.content_type
             )
             return await self._url_for_stored_key(key)
+        stored = await self._store_standalone(image_id, image, None, details)
+        return stored.url
 
+    async def store_character_reference(
+        self,
+        image_id: str,
+        data: bytes,
+        *,
+        job_id: str | None = None,
+        details: GenerationDetails | None = None,
+    ) -> StoredCharacterReference:
+        """Store image bytes under the standalone key with its sidecar (and the job's, if given).
+
+        Raises UnsupportedImageError unless `data` is a PNG, JPEG or WebP image.
+        """
+        image_id = parse_image_id(image_id)
+        job_id = parse_job_id(job_id) if job_id is not None else None
+        image = await asyncio.to_thread(_prepare_bytes, data)
+        return await self._store_standalone(image_id, image, job_id, details)
+
+    async def _store_standalone(
+        self,
+        image_id: str,
+        image: _PreparedImage,
+        job_id: str | None,
+        details: GenerationDetails | None,
+    ) -> StoredCharacterReference:
         key = character_reference_key(image_id, image.kind.extension)
         record = CharacterReferenceRecord(
             id=image_id,
@@ -215,17 +259,36 @@ class AssetPersistenceService:
             size=len(image.data),
             **(details or GenerationDetails()).model_dump(),
         )
-        # The image and its sidecar are independent writes: send them together.
-        await asyncio.gather(
-            asyncio.to_thread(self.storage.put_bytes, key, image.data, image.kind.content_type),
-            asyncio.to_thread(
-                self.storage.put_bytes,
+        writes = [
+            (key, image.data, image.kind.content_type),
+            (
                 character_reference_sidecar_key(image_id),
                 record.model_dump_json(indent=2).encode(),
                 "application/json",
             ),
+        ]
+        if job_id is not None:
+            job_key = job_character_reference_key(job_id, image_id, image.kind.extension)
+            writes.append((job_key, image.data, image.kind.content_type))
+        # Independent writes: send them together.
+        await asyncio.gather(
+            *(asyncio.to_thread(self.storage.put_bytes, *write) for write in writes)
         )
-        return await self._url_for_stored_key(key)
+        url = await self._url_for_stored_key(key)
+        return StoredCharacterReference(
+            id=image_id,
+            key=key,
+            url=url,
+            cloud_url=url if self._is_signed_url(key) else None,
+            kind=image.kind,
+            sha256=image.sha256,
+            size=len(image.data),
+        )
+
+    def _is_signed_url(self, key: str) -> bool:
+        """Whether url_for_key(key) gives a presigned URL (S3 mode, upload not pending)."""
+        pending = self._pending_store is not None and self._pending_store.is_pending(key)
+        return self._signer is not None and not pending
 
     def _read_record(self, image_id: str) -> CharacterReferenceRecord | None:
         try:
@@ -241,6 +304,11 @@ class AssetPersistenceService:
         if record is None:
             raise CharacterReferenceNotFoundError(image_id)
         return record
+
+    async def find_character_reference(self, image_id: str) -> tuple[str, str | None]:
+        """Key and sha256 (None without a sidecar) of a standalone image; raises if absent."""
+        image_id = parse_image_id(image_id)
+        return await asyncio.to_thread(self._find_character_reference, image_id)
 
     def _find_character_reference(self, image_id: str) -> tuple[str, str | None]:
         """Key and expected sha256 of a standalone image, from its sidecar or by extension."""

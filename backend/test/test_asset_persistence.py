@@ -146,7 +146,7 @@ async def test_persist_refuses_non_images_and_mismatched_names(
 ) -> None:
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(UnsupportedImageError, match="not a readable"):
+    with pytest.raises(UnsupportedImageError, match="not a PNG, JPEG or WebP image"):
         await storage.service.persist_character_reference(str(uuid.uuid4()), text)
     with pytest.raises(UnsupportedImageError, match="name says png but the content is jpg"):
         await storage.service.persist_character_reference(

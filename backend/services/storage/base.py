@@ -114,3 +114,21 @@ class HoldsPendingUploads(Protocol):
     def retry_pending(self) -> list[str]:
         """Try every pending upload once; return the keys uploaded."""
         ...
+
+
+@runtime_checkable
+class HasLocalCopies(Protocol):
+    """A store with files on this machine's disk, which the API can serve directly."""
+
+    def local_copy(self, key: str) -> Path | None:
+        """The local file holding `key` (fetched into the local tier if needed), or None."""
+        ...
+
+
+@runtime_checkable
+class SignsExistingKeys(Protocol):
+    """A store that can presign a key after checking that its remote copy exists."""
+
+    def presign_existing(self, key: str, expires_in: int) -> PresignedUrl | None:
+        """A URL when the remote copy exists; None when it is missing or the store is down."""
+        ...

@@ -109,6 +109,11 @@ class LocalStorageBackend:
                 raise IntegrityError(key, expected_sha256, actual)  # the writer discards its file
         return ObjectInfo(key, size, content_type_for(key), actual)
 
+    def local_copy(self, key: str) -> Path | None:
+        """The file holding `key`, or None."""
+        path = self.path_for(key)
+        return path if path.is_file() else None
+
     def exists(self, key: str) -> bool:
         """Whether a file holds `key`."""
         return self.path_for(key).is_file()

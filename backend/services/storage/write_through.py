@@ -193,6 +193,34 @@ class WriteThroughStorageBackend:
             return self.remote.presign(key, expires_in)
         return None
 
+    def presign_existing(self, key: str, expires_in: int) -> PresignedUrl | None:
+        """A presigned URL when S3 holds `key`; None when it does not or cannot be reached."""
+        if key in self.pending:
+            return None
+        if key not in self.known:
+            try:
+                if not self.remote.exists(key):
+                    return None
+            except StorageError as error:
+                logger.warning("cannot check %s in S3, serving locally: %s", key, error)
+                return None
+            self.known.add(key)
+        return self.remote.presign(key, expires_in)
+
+    def local_copy(self, key: str) -> Path | None:
+        """The local file for `key`, fetched from S3 into the local tier when missing there.
+
+        None when neither tier holds it; StorageError when only S3 could and is unreachable.
+        """
+        path = self.local.local_copy(key)
+        if path is not None:
+            return path
+        try:
+            self.remote.download(key, self.local.path_for(key))
+        except ObjectNotFoundError:
+            return None
+        return self.local.local_copy(key)
+
     def is_pending(self, key: str) -> bool:
         """Whether `key` is held locally only."""
         return key in self.pending

@@ -1,0 +1,60 @@
+"""How a stored character reference reaches a client: a presigned S3 URL, or local bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.asset_persistence import AssetPersistenceService, CharacterReferenceNotFoundError
+from services.storage.base import HasLocalCopies, PresignedUrl, SignsExistingKeys
+from services.storage.local import content_type_for
+
+
+@dataclass(frozen=True, slots=True)
+class LocalImageFile:
+    """A local file to send, with the validator clients cache it by."""
+
+    key: str
+    path: Path
+    content_type: str
+    etag: str | None  # quoted sha256 when the sidecar records it
+
+
+@dataclass(frozen=True, slots=True)
+class CloudImage:
+    """A presigned URL of the S3 copy."""
+
+    key: str
+    url: PresignedUrl
+    content_type: str
+
+
+class ImageDelivery:
+    """Chooses cloud or local serving per request, falling back to the local copy."""
+
+    def __init__(self, assets: AssetPersistenceService) -> None:
+        self.assets = assets
+        storage = assets.storage
+        self._files = storage if isinstance(storage, HasLocalCopies) else None
+        self._signer = storage if isinstance(storage, SignsExistingKeys) else None
+        self.serves_from_cloud = assets.settings.serve_from_cloud and self._signer is not None
+
+    async def cloud_image(self, image_id: str) -> CloudImage | None:
+        """The S3 copy's presigned URL; None when it is missing or S3 is unreachable."""
+        key, _ = await self.assets.find_character_reference(image_id)
+        if self._signer is None:
+            return None
+        signed = await asyncio.to_thread(
+            self._signer.presign_existing, key, self.assets.settings.presigned_url_expiry
+        )
+        return None if signed is None else CloudImage(key, signed, content_type_for(key))
+
+    async def local_file(self, image_id: str) -> LocalImageFile:
+        """The local copy (fetched from S3 first if only S3 holds it)."""
+        key, sha256 = await self.assets.find_character_reference(image_id)
+        path = None if self._files is None else await asyncio.to_thread(self._files.local_copy, key)
+        if path is None:
+            raise CharacterReferenceNotFoundError(image_id)
+        etag = f'"{sha256}"' if sha256 else None
+        return LocalImageFile(key, path, content_type_for(key), etag)

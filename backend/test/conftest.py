@@ -42,6 +42,10 @@ def _isolated_environment(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
+    # No test may reach a model hub: every model is built by the tests themselves.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
 
 
 @pytest.fixture
@@ -176,3 +180,19 @@ def write_image(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight FLUX pipeline on disk, built once per session."""
+    from tools.make_tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SDXL pipeline (turbo defaults by its name), built once per session."""
+    from tools.make_tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-sdxl-turbo", "sdxl")

@@ -155,6 +155,13 @@ class DiffusersGenerator:
             self._unavailable = f"the local model {self.model!r} failed to load: {_brief(error)}"
             _free_accelerator_memory()
 
+    def load(self) -> str | None:
+        """Load now, blocking the caller (scripts, benchmarks); returns unavailable_reason."""
+        self.start()
+        assert self._load is not None
+        self._load.result()
+        return self._unavailable
+
     async def unavailable_reason(self) -> str | None:
         """None once the model is loaded; why not otherwise. Waits for a load in progress."""
         self.start()
@@ -254,12 +261,16 @@ class DiffusersGenerator:
         }
         return GenerationResult(images, self.model, "local", parameters)
 
-    async def aclose(self) -> None:
-        """Stop the worker thread and drop the pipeline."""
-        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+    def close(self) -> None:
+        """Stop the worker thread (after the batch in progress) and drop the pipeline."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
         self._pipeline = None
         if self.device == "cuda":
             _free_accelerator_memory()
+
+    async def aclose(self) -> None:
+        """close(), off the event loop."""
+        await asyncio.to_thread(self.close)
 
 
 def _brief(error: BaseException) -> str:

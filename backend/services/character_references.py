@@ -116,9 +116,7 @@ class CharacterReferenceService:
             job_id=body.job_id,
             details=details.model_copy(update={"seed": image.seed}),
         )
-        encoded = (
-            await asyncio.to_thread(base64.b64encode, data) if body.include_base64 else None
-        )
+        encoded = await asyncio.to_thread(base64.b64encode, data) if body.include_base64 else None
         return _image_reply(stored, seed=image.seed, base64_data=encoded)
 
     async def upload(

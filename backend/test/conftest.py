@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,13 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import httpx
 import pytest
+from fastapi.testclient import TestClient
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from config import REPO_ROOT, Settings, load_settings
+from fake_replicate import FakeReplicate
+from main import create_app
 from services.asset_persistence import AssetPersistenceService
+from services.generation.base import (
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+)
+from services.generation.local_diffusers import load_pipeline
+from services.image_generation import build_generation_policy
 from services.storage.s3 import make_s3_client
 from services.storage_backend import StorageBackend, get_storage_backend
 
@@ -196,3 +210,123 @@ def tiny_sdxl_turbo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tools.make_tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-sdxl-turbo", "sdxl")
+
+
+class _OutOfMemoryPipeline:
+    """The real pipeline, except that a call raises what CUDA raises when memory runs out.
+
+    CUDA memory exhaustion cannot happen on a CPU-only machine, so it is injected here.
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        self._pipeline = pipeline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
+
+    def __call__(self, **_: Any) -> Any:
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def out_of_memory_loader(model_id: str, device: str) -> Any:
+    """load_pipeline, then make every call run out of memory."""
+    return _OutOfMemoryPipeline(load_pipeline(model_id, device))
+
+
+class BlockingGenerator:
+    """An ImageGenerator (the real interface) whose requests wait until `release` is set."""
+
+    name = "replicate"
+    model = "fake/blocking"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def start(self) -> None:
+        """Nothing to prepare."""
+
+    async def unavailable_reason(self) -> str | None:
+        """Always available."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Its name."""
+        return {"model": self.model}
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Wait for `release`, then return small images."""
+        self.started.set()
+        await asyncio.to_thread(self.release.wait, 30)
+        images = tuple(
+            GeneratedImage(seed, Image.new("RGB", (8, 8), (seed % 256, 0, 0)))
+            for seed in request.seeds
+        )
+        return GenerationResult(images, self.model, "replicate")
+
+    async def aclose(self) -> None:
+        """Let any waiting request finish."""
+        self.release.set()
+
+
+@dataclass
+class ApiHarness:
+    """A running app (TestClient), its settings, and its S3 bucket when in S3 mode."""
+
+    client: TestClient
+    settings: Settings
+    s3: Any | None
+    replicate: FakeReplicate | None
+
+    def fetch(self, url: str) -> httpx.Response:
+        """GET an image URL: through the app for API paths, over HTTP for presigned URLs."""
+        if url.startswith("/"):
+            return self.client.get(url)
+        return httpx.get(url)
+
+
+@pytest.fixture
+def make_api(
+    make_settings: Callable[..., Settings],
+    tiny_sdxl_turbo: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., ApiHarness]]:
+    """Start apps in local or S3 (moto over HTTP) mode, with the tiny SDXL-Turbo model."""
+    stack = contextlib.ExitStack()
+
+    def factory(
+        mode: str = "local",
+        *,
+        replicate: FakeReplicate | None = None,
+        local_loader: Callable[[str, str], Any] = load_pipeline,
+        generators: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> ApiHarness:
+        s3 = None
+        if mode == "s3":
+            endpoint = request.getfixturevalue("moto_endpoint")
+            overrides.setdefault("storage_bucket", new_bucket_name())
+            overrides.update(storage_backend="s3", aws_endpoint_url=endpoint)
+            s3 = make_s3_client(region="us-east-1", endpoint_url=endpoint)
+            with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+                s3.create_bucket(Bucket=overrides["storage_bucket"])
+        overrides.setdefault("local_model_id", str(tiny_sdxl_turbo))
+        overrides.setdefault("local_device", "cpu")
+        if replicate is not None:
+            overrides.setdefault("replicate_api_token", "r8_test-token")
+        settings = make_settings(**overrides)
+        policy = build_generation_policy(
+            settings,
+            local_loader=local_loader,
+            replicate_transport=replicate.transport() if replicate else None,
+        )
+        if generators is not None:
+            policy.generators = generators
+        stack.callback(lambda: asyncio.run(policy.aclose()))  # after the app has stopped
+        client = stack.enter_context(TestClient(create_app(settings, generation_policy=policy)))
+        return ApiHarness(client, settings, s3, replicate)
+
+    with stack:
+        yield factory

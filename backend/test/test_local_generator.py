@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import out_of_memory_loader
 from mv.character_reference import ASPECT_RATIO_SIZES
 from services.generation.base import (
     GenerationRequest,
@@ -116,29 +116,6 @@ async def test_auto_device_without_cuda_says_how_to_use_the_cpu(tiny_flux: Path)
     assert "LOCAL_DEVICE=cpu" in (await generator.unavailable_reason() or "")
     assert generator.describe()["state"] == "unavailable"
     await generator.aclose()
-
-
-class _OutOfMemoryPipeline:
-    """The real pipeline, except that a call raises what CUDA raises when memory runs out.
-
-    CUDA memory exhaustion cannot happen on this CPU-only machine, so it is injected here.
-    """
-
-    def __init__(self, pipeline: Any) -> None:
-        self._pipeline = pipeline
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipeline, name)
-
-    def __call__(self, **_: Any) -> Any:
-        self.calls += 1
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
-def out_of_memory_loader(model_id: str, device: str) -> Any:
-    """load_pipeline, then make every call run out of memory."""
-    return _OutOfMemoryPipeline(load_pipeline(model_id, device))
 
 
 async def test_out_of_memory_becomes_a_clear_error(tiny_flux: Path) -> None:

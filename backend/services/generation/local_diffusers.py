@@ -6,6 +6,7 @@ import asyncio
 import gc
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,15 +64,21 @@ def resolve_model_source(model_id: str) -> str:
     return model_id
 
 
+# Loading creates modules on the meta device by patching torch process-wide (accelerate's
+# init_empty_weights), so two loads at once in one process corrupt each other: one at a time.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_pipeline(model_id: str, device: str) -> Any:
     """Load `model_id` with AutoPipelineForText2Image: bf16 on CUDA, fp32 on the CPU."""
     import torch
     from diffusers import AutoPipelineForText2Image
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipeline = AutoPipelineForText2Image.from_pretrained(
-        resolve_model_source(model_id), dtype=dtype
-    )
+    with _LOAD_LOCK:
+        pipeline = AutoPipelineForText2Image.from_pretrained(
+            resolve_model_source(model_id), dtype=dtype
+        )
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -148,7 +155,10 @@ class DiffusersGenerator:
             self.load_seconds = time.perf_counter() - started
             logger.info(
                 "loaded %s (%s) on %s in %.1f s",
-                self.model, self._profile.family, self.device, self.load_seconds,
+                self.model,
+                self._profile.family,
+                self.device,
+                self.load_seconds,
             )
         except Exception as error:  # any load failure makes the generator unavailable
             logger.exception("loading %s failed", self.model)

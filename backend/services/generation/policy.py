@@ -138,6 +138,4 @@ class GenerationPolicy:
                 reasons.append(f"{name}: {error}")
                 continue
             return PolicyOutcome(result, "; ".join(reasons) or None)
-        raise GeneratorUnavailableError(
-            "no image generator is available: " + "; ".join(reasons)
-        )
+        raise GeneratorUnavailableError("no image generator is available: " + "; ".join(reasons))

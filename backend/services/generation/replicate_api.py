@@ -129,9 +129,7 @@ class ReplicateGenerator:
         self.backoff_cap = backoff_cap
         self.max_output_bytes = max_output_bytes
         hooks = {"response": [_raise_retryable]}
-        self._client = replicate.Client(
-            api_token=api_token, transport=transport, event_hooks=hooks
-        )
+        self._client = replicate.Client(api_token=api_token, transport=transport, event_hooks=hooks)
         self._client.poll_interval = poll_interval
         self._downloads = httpx.AsyncClient(
             transport=transport,
@@ -153,9 +151,7 @@ class ReplicateGenerator:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One prediction per seed, concurrently; every output downloaded and checked."""
-        images = await asyncio.gather(
-            *(self._one_image(request, seed) for seed in request.seeds)
-        )
+        images = await asyncio.gather(*(self._one_image(request, seed) for seed in request.seeds))
         parameters = {"model_inputs": replicate_inputs(self.model, request, request.seeds[0])}
         parameters["model_inputs"].pop("seed")
         return GenerationResult(tuple(images), self.model, "replicate", parameters)

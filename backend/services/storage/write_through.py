@@ -149,10 +149,11 @@ class WriteThroughStorageBackend:
 
     def exists(self, key: str) -> bool:
         """True when either tier holds the key (the local check needs no request)."""
-        if not (self.local.exists(key) or self.remote.exists(key)):
+        if self.local.exists(key):
+            return True
+        if not self.remote.exists(key):
             return False
-        if key not in self.pending:
-            self.known.add(key)
+        self.known.add(key)  # S3 itself said so
         return True
 
     def head(self, key: str) -> ObjectInfo:
@@ -194,7 +195,11 @@ class WriteThroughStorageBackend:
         return None
 
     def presign_existing(self, key: str, expires_in: int) -> PresignedUrl | None:
-        """A presigned URL when S3 holds `key`; None when it does not or cannot be reached."""
+        """A presigned URL when S3 holds `key`; None when it does not or cannot be reached.
+
+        Keys this process uploaded or saw in S3 are trusted without a request; others cost
+        one HEAD.
+        """
         if key in self.pending:
             return None
         if key not in self.known:

@@ -73,7 +73,12 @@ def load_pipeline(model_id: str, device: str) -> Any:
     """Load `model_id` with AutoPipelineForText2Image: bf16 on CUDA, fp32 on the CPU."""
     import torch
     from diffusers import AutoPipelineForText2Image
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Progress bars are for terminals; the server logs the load instead.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with _LOAD_LOCK:
         pipeline = AutoPipelineForText2Image.from_pretrained(

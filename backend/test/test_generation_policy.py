@@ -1,0 +1,164 @@
+"""The generation policy through the API: fallback, 503, 502, 429 and 504."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from conftest import ApiHarness, BlockingGenerator, out_of_memory_loader
+from fake_replicate import FakeReplicate
+from services.generation.base import GenerationRequest
+from services.generation.policy import GenerationPolicy
+
+GENERATE = "/api/mv/generate_character_reference"
+BODY = {"character_description": "a silver robot", "num_images": 2, "seed": 3}
+
+
+def test_auto_falls_back_to_replicate_when_local_runs_out_of_memory(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api(replicate=FakeReplicate(), local_loader=out_of_memory_loader)
+    reply = api.client.post(GENERATE, json=BODY)
+    assert reply.status_code == 200, reply.text
+    metadata = reply.json()["metadata"]
+    assert metadata["backend"] == "replicate"
+    assert "ran out of memory" in metadata["fallback_reason"]
+    assert [image["seed"] for image in reply.json()["images"]] == [3, 4]
+    image_id = reply.json()["images"][0]["id"]
+    sidecar = api.client.get(f"/api/mv/character_references/{image_id}/metadata").json()
+    assert "ran out of memory" in sidecar["fallback_reason"]
+    assert sidecar["backend"] == "replicate"
+
+
+def test_auto_without_cuda_uses_replicate_and_says_why(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api(replicate=FakeReplicate(), local_device="auto")
+    reply = api.client.post(GENERATE, json=BODY)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["metadata"]["backend"] == "replicate"
+    assert "no CUDA device" in reply.json()["metadata"]["fallback_reason"]
+
+
+def test_out_of_memory_without_a_fallback_is_a_503(make_api: Callable[..., ApiHarness]) -> None:
+    api = make_api(local_loader=out_of_memory_loader)
+    reply = api.client.post(GENERATE, json=BODY)
+    assert reply.status_code == 503
+    assert "ran out of memory" in reply.json()["detail"]["message"]
+
+
+def test_no_generator_at_all_is_a_503_naming_what_to_configure(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api(local_device="auto")  # no CUDA here, no Replicate token
+    reply = api.client.post(GENERATE, json=BODY)
+    assert reply.status_code == 503
+    detail = reply.json()["detail"]
+    assert detail["error"] == "GeneratorUnavailable"
+    assert "REPLICATE_API_TOKEN" in detail["message"]
+    assert "LOCAL_DEVICE=cpu" in detail["message"]
+
+
+def test_replicate_mode_without_a_token_is_a_503_naming_it(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api(image_generator="replicate")
+    reply = api.client.post(GENERATE, json=BODY)
+    assert reply.status_code == 503
+    assert "set REPLICATE_API_TOKEN" in reply.json()["detail"]["message"]
+
+
+def test_a_disabled_backend_asked_for_by_name_is_a_503(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api(image_generator="local")
+    reply = api.client.post(GENERATE, json={**BODY, "backend": "replicate"})
+    assert reply.status_code == 503
+    assert "IMAGE_GENERATOR=local" in reply.json()["detail"]["message"]
+
+
+def test_backend_replicate_skips_the_local_model(make_api: Callable[..., ApiHarness]) -> None:
+    fake = FakeReplicate()
+    api = make_api(replicate=fake)
+    reply = api.client.post(GENERATE, json={**BODY, "backend": "replicate"})
+    assert reply.json()["metadata"]["backend"] == "replicate"
+    assert reply.json()["metadata"]["fallback_reason"] is None
+    assert len(fake.inputs) == 2
+
+
+def test_provider_5xx_until_retries_run_out_is_a_502(make_api: Callable[..., ApiHarness]) -> None:
+    fake = FakeReplicate(create_replies=[httpx.Response(500, json={}) for _ in range(10)])
+    api = make_api(image_generator="replicate", replicate=fake, replicate_max_attempts=2)
+    reply = api.client.post(GENERATE, json={**BODY, "num_images": 1})
+    assert reply.status_code == 502
+    assert reply.json()["detail"]["error"] == "ProviderError"
+    assert "after 2 attempt" in reply.json()["detail"]["message"]
+    assert len(fake.prediction_posts) == 2
+
+
+def test_provider_non_image_bytes_are_a_502(make_api: Callable[..., ApiHarness]) -> None:
+    fake = FakeReplicate(output_for=lambda seed: b"GIF89a not really")
+    api = make_api(image_generator="replicate", replicate=fake)
+    reply = api.client.post(GENERATE, json=BODY)
+    assert reply.status_code == 502
+    assert "unusable image" in reply.json()["detail"]["message"]
+
+
+def test_provider_429_then_success_is_a_200(make_api: Callable[..., ApiHarness]) -> None:
+    fake = FakeReplicate(create_replies=[httpx.Response(429, headers={"Retry-After": "0"})])
+    api = make_api(image_generator="replicate", replicate=fake)
+    reply = api.client.post(GENERATE, json={**BODY, "num_images": 1, "output_format": "webp"})
+    assert reply.status_code == 200, reply.text
+    # The provider's PNG was re-encoded into the format asked for.
+    assert reply.json()["images"][0]["content_type"] == "image/webp"
+
+
+def test_a_full_queue_is_a_429_with_retry_after(make_api: Callable[..., ApiHarness]) -> None:
+    blocking = BlockingGenerator()
+    api = make_api(
+        image_generator="replicate", generation_queue_size=1, generators={"replicate": blocking}
+    )
+    first: dict[str, httpx.Response] = {}
+    worker = threading.Thread(
+        target=lambda: first.setdefault("reply", api.client.post(GENERATE, json=BODY))
+    )
+    worker.start()
+    assert blocking.started.wait(10)
+    refused = api.client.post(GENERATE, json=BODY)
+    blocking.release.set()
+    worker.join(10)
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["detail"]["error"] == "QueueFull"
+    assert first["reply"].status_code == 200
+    # Once the queue drains, requests are taken again.
+    assert api.client.post(GENERATE, json=BODY).status_code == 200
+
+
+def test_a_request_past_its_deadline_is_a_504(make_api: Callable[..., ApiHarness]) -> None:
+    blocking = BlockingGenerator()
+    api = make_api(
+        image_generator="replicate",
+        generation_timeout_seconds=0.3,
+        generators={"replicate": blocking},
+    )
+    reply = api.client.post(GENERATE, json=BODY)
+    blocking.release.set()
+    assert reply.status_code == 504
+    assert reply.json()["detail"]["error"] == "GenerationTimeout"
+
+
+async def test_the_policy_frees_its_slot_after_a_failure() -> None:
+    blocking = BlockingGenerator()
+    policy = GenerationPolicy(
+        "replicate", {"replicate": blocking}, queue_size=1, timeout_seconds=0.2
+    )
+    request = GenerationRequest("p", (1,), "1:1")
+    with pytest.raises(Exception, match="did not finish"):
+        await policy.generate(request)
+    blocking.release.set()
+    assert len((await policy.generate(request)).result.images) == 1
+    assert policy.describe()["in_flight"] == 0

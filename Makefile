@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-integration lint bench clean
+.PHONY: run run-tiny tiny-model test test-integration test-gpu lint bench bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.runtime-installed
 	cd backend && ../$(BIN)/python -m uvicorn main:app --host $(HOST) --port $(PORT)
 
+# A tiny random-weight FLUX-family pipeline, so the whole flow runs with no GPU, token or network.
+TINY_MODEL := backend/mv/models/tiny-flux
+
+tiny-model: $(VENV)/.runtime-installed
+	cd backend && ../$(BIN)/python -m tools.make_tiny_model mv/models/tiny-flux
+
+run-tiny: tiny-model
+	LOCAL_MODEL_ID=$(CURDIR)/$(TINY_MODEL) LOCAL_DEVICE=cpu $(MAKE) run
+
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	cd backend && ../$(BIN)/python -m pytest
@@ -32,12 +41,21 @@ test: $(VENV)/.dev-installed
 test-integration: $(VENV)/.dev-installed
 	cd backend && ../$(BIN)/python -m pytest -m integration
 
+# The gpu-marked tests; needs CUDA.
+test-gpu: $(VENV)/.dev-installed
+	cd backend && ../$(BIN)/python -m pytest -m gpu
+
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.dev-installed
 	cd backend && ../$(BIN)/python ../bench/run.py
+	cd backend && ../$(BIN)/python ../bench/generation.py
+
+# Real-size FLUX.1-schnell and SDXL-Turbo architectures with random weights; needs CUDA.
+bench-gpu: $(VENV)/.runtime-installed
+	cd backend && ../$(BIN)/python ../bench/gpu_generation.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,131 @@
+"""Generation benchmark on the tiny local model: the API end to end against the bare pipeline.
+
+Run with `make bench` (or, from backend/, `python ../bench/generation.py`). Both sides use the
+same tiny FLUX-family pipeline, built once into a temp dir and loaded through the real
+`from_pretrained` path on the CPU, and generate 4 images at 1024x1024 with 4 steps:
+
+- bare: `pipeline(...)` with exactly the arguments DiffusersGenerator passes (PIL output);
+- API: POST /api/mv/generate_character_reference (validation, the worker-thread batch,
+  PNG encoding, storage of 4 images and 4 sidecars, URLs, the JSON reply) in local mode, with
+  and without base64 in the reply, and in S3 mode against a moto server in its own process.
+
+Rounds alternate between the rows; each figure is the median. The ratio is API / bare, so the
+overhead of encoding, storing and replying is (ratio - 1) of the generation itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BACKEND_DIR = Path(__file__).resolve().parents[1] / "backend"
+sys.path.insert(0, str(BACKEND_DIR))
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from config import load_settings  # noqa: E402
+from main import create_app  # noqa: E402
+from services.generation.local_diffusers import DiffusersGenerator  # noqa: E402
+from services.generation.base import GenerationRequest  # noqa: E402
+from services.storage.s3 import make_s3_client  # noqa: E402
+from tools.make_tiny_model import build  # noqa: E402
+
+BODY = {"character_description": "a silver metallic humanoid robot", "num_images": 4, "seed": 1}
+
+
+def median_seconds(run: Callable[[], object], rounds: list[float]) -> None:
+    """Time one call of `run` and append it to `rounds`."""
+    started = time.perf_counter()
+    run()
+    rounds.append(time.perf_counter() - started)
+
+
+def main() -> int:
+    """Measure and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3-mode row")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
+    model = build(work / "tiny-flux", "flux")
+
+    # The bare pipeline, driven with the generator's own arguments.
+    generator = DiffusersGenerator(str(model), "cpu")
+    assert generator.load() is None
+    request = GenerationRequest("bench", (1, 2, 3, 4), "1:1")
+    arguments = generator._call_arguments(request)  # the exact call the generator makes
+    pipeline = generator._pipeline
+
+    def bare() -> None:
+        fresh = generator._call_arguments(request)  # fresh torch.Generators, same seeds
+        pipeline(**fresh)
+
+    clients: dict[str, TestClient] = {}
+    moto = None
+    settings = load_settings(
+        local_model_id=str(model), local_device="cpu", output_dir=work / "local"
+    )
+    clients["API, local storage"] = TestClient(create_app(settings))
+    if not args.no_s3:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from run import start_moto_server  # the storage benchmark's moto server
+
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ[name] = "bench"  # moto accepts any credentials
+        moto, endpoint = start_moto_server()
+        make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        s3_settings = load_settings(
+            local_model_id=str(model),
+            local_device="cpu",
+            output_dir=work / "s3",
+            storage_backend="s3",
+            storage_bucket="bench",
+            aws_endpoint_url=endpoint,
+        )
+        clients["API, S3 storage (moto)"] = TestClient(create_app(s3_settings))
+
+    rows: dict[str, list[float]] = {"bare pipeline": []}
+    for name in clients:
+        rows[name] = []
+        rows[name + ", no base64"] = []
+    try:
+        for client in clients.values():
+            client.__enter__()
+            assert client.post("/api/mv/generate_character_reference", json=BODY).status_code == 200
+        bare()  # warm-up
+        for _ in range(args.rounds):
+            median_seconds(bare, rows["bare pipeline"])
+            for name, client in clients.items():
+                for suffix, body in (("", BODY), (", no base64", {**BODY, "include_base64": False})):
+
+                    def call(client: TestClient = client, body: dict = body) -> None:
+                        reply = client.post("/api/mv/generate_character_reference", json=body)
+                        assert reply.status_code == 200, reply.text
+
+                    median_seconds(call, rows[name + suffix])
+    finally:
+        for client in clients.values():
+            client.__exit__(None, None, None)
+        generator.close()
+        if moto is not None:
+            moto.kill()
+
+    bare_s = statistics.median(rows["bare pipeline"])
+    print(f"4 images, 1024x1024, {arguments.get('num_inference_steps')} steps, tiny FLUX, CPU")
+    print(f"{'row':<36} {'median s':>9} {'ratio':>7} {'overhead ms':>12}")
+    for name, rounds in rows.items():
+        seconds = statistics.median(rounds)
+        overhead = (seconds - bare_s) * 1000
+        print(f"{name:<36} {seconds:9.3f} {seconds / bare_s:7.3f} {overhead:12.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,8 +31,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from config import load_settings  # noqa: E402
 from main import create_app  # noqa: E402
-from services.generation.local_diffusers import DiffusersGenerator  # noqa: E402
 from services.generation.base import GenerationRequest  # noqa: E402
+from services.generation.local_diffusers import DiffusersGenerator  # noqa: E402
 from services.storage.s3 import make_s3_client  # noqa: E402
 from tools.make_tiny_model import build  # noqa: E402
 
@@ -103,7 +103,8 @@ def main() -> int:
         for _ in range(args.rounds):
             median_seconds(bare, rows["bare pipeline"])
             for name, client in clients.items():
-                for suffix, body in (("", BODY), (", no base64", {**BODY, "include_base64": False})):
+                without_base64 = {**BODY, "include_base64": False}
+                for suffix, body in (("", BODY), (", no base64", without_base64)):
 
                     def call(client: TestClient = client, body: dict = body) -> None:
                         reply = client.post("/api/mv/generate_character_reference", json=body)

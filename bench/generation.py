@@ -60,11 +60,11 @@ def main() -> int:
     generator = DiffusersGenerator(str(model), "cpu")
     assert generator.load() is None
     request = GenerationRequest("bench", (1, 2, 3, 4), "1:1")
-    arguments = generator._call_arguments(request)  # the exact call the generator makes
-    pipeline = generator._pipeline
+    arguments = generator.call_arguments(request)
+    pipeline = generator.pipeline
 
     def bare() -> None:
-        fresh = generator._call_arguments(request)  # fresh torch.Generators, same seeds
+        fresh = generator.call_arguments(request)  # fresh torch.Generators, same seeds
         pipeline(**fresh)
 
     clients: dict[str, TestClient] = {}

@@ -225,7 +225,7 @@ def bench(name: str, model_id: str, factory: Callable[[], Any], rounds: int) -> 
         return asyncio.run(generator.generate(request))
 
     def bare() -> Any:
-        return pipeline(**generator._call_arguments(request))  # the generator's exact call
+        return pipeline(**generator.call_arguments(request))
 
     result = through_generator()  # warm-up (kernels, allocator)
     bare()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -124,7 +125,7 @@ def _server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_server_command_serves_health(tmp_path: Path) -> None:
+def test_server_command_runs_the_flow_with_the_tiny_model(tmp_path: Path, tiny_flux: Path) -> None:
     port = _free_port()
     command = [
         sys.executable,
@@ -139,10 +140,11 @@ def test_server_command_serves_health(tmp_path: Path) -> None:
     server = subprocess.Popen(
         command,
         cwd=BACKEND_DIR,
-        env=_server_env(tmp_path),
+        env=_server_env(tmp_path, LOCAL_MODEL_ID=str(tiny_flux), LOCAL_DEVICE="cpu"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -155,6 +157,17 @@ def test_server_command_serves_health(tmp_path: Path) -> None:
                 time.sleep(0.1)
         assert response.status_code == 200
         assert response.json() == {"status": "ok"}
+        generated = httpx.post(
+            f"{base}/api/mv/generate_character_reference",
+            json={"character_description": "a robot", "num_images": 1, "seed": 42},
+            timeout=60,
+        )
+        assert generated.status_code == 200, generated.text
+        image = generated.json()["images"][0]
+        fetched = httpx.get(base + image["url"], timeout=10)
+        assert fetched.status_code == 200
+        assert fetched.headers["content-type"] == "image/png"
+        assert fetched.content == base64.b64decode(image["base64"])
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -198,3 +211,15 @@ def test_example_script_runs_the_five_methods(
     assert f"ok: {mode} mode, 2 files identical" in result.stdout
     if mode == "s3":
         assert "X-Amz-Signature" in result.stdout
+
+
+def test_tiny_model_command_builds_a_loadable_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.make_tiny_model import main as make_tiny_model
+
+    target = tmp_path / "tiny"
+    assert make_tiny_model([str(target), "--family", "sdxl"]) == 0
+    assert "StableDiffusionXLPipeline written to" in capsys.readouterr().out
+    assert (target / "model_index.json").is_file()
+    assert (target / "unet" / "config.json").is_file()

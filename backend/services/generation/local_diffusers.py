@@ -212,7 +212,13 @@ class DiffusersGenerator:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, self._generate_on_worker, request)
 
-    def _call_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+    @property
+    def pipeline(self) -> Any:
+        """The loaded pipeline (None before the load); benchmarks call it bare."""
+        return self._pipeline
+
+    def call_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """The exact keyword arguments the batched pipeline call gets for `request`."""
         import torch
 
         assert self._profile is not None
@@ -246,7 +252,7 @@ class DiffusersGenerator:
     def _generate_on_worker(self, request: GenerationRequest) -> GenerationResult:
         import torch
 
-        arguments = self._call_arguments(request)
+        arguments = self.call_arguments(request)
         try:
             with torch.inference_mode():
                 output = self._pipeline(**arguments)

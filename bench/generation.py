@@ -39,7 +39,7 @@ from tools.make_tiny_model import build  # noqa: E402
 BODY = {"character_description": "a silver metallic humanoid robot", "num_images": 4, "seed": 1}
 
 
-def median_seconds(run: Callable[[], object], rounds: list[float]) -> None:
+def time_once(run: Callable[[], object], rounds: list[float]) -> None:
     """Time one call of `run` and append it to `rounds`."""
     started = time.perf_counter()
     run()
@@ -101,7 +101,7 @@ def main() -> int:
             assert client.post("/api/mv/generate_character_reference", json=BODY).status_code == 200
         bare()  # warm-up
         for _ in range(args.rounds):
-            median_seconds(bare, rows["bare pipeline"])
+            time_once(bare, rows["bare pipeline"])
             for name, client in clients.items():
                 without_base64 = {**BODY, "include_base64": False}
                 for suffix, body in (("", BODY), (", no base64", without_base64)):
@@ -110,7 +110,7 @@ def main() -> int:
                         reply = client.post("/api/mv/generate_character_reference", json=body)
                         assert reply.status_code == 200, reply.text
 
-                    median_seconds(call, rows[name + suffix])
+                    time_once(call, rows[name + suffix])
     finally:
         for client in clients.values():
             client.__exit__(None, None, None)

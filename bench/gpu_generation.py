@@ -40,15 +40,42 @@ SPEC_PEAK_TFLOPS = 989.0
 MEASURED_PEAK_TFLOPS = 790.0
 
 
+def _vae(latent_channels: int, **extra: Any) -> Any:
+    """The FLUX / SDXL autoencoder: four blocks of 128-512 channels, two layers each."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=latent_channels,
+        **extra,
+    )
+
+
+def _clip_text_config(hidden: int, layers: int, heads: int, activation: str = "quick_gelu") -> Any:
+    """A CLIP text tower: CLIP ViT-L/14 (768) or OpenCLIP bigG (1280)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=activation,
+        projection_dim=hidden,
+    )
+
+
 def flux_schnell() -> Any:
     """FLUX.1-schnell: 12B transformer, T5-XXL encoder, CLIP-L, 16-channel VAE."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer(max_length=512)
     with torch.device("cpu"):  # schedulers keep host arrays
@@ -57,31 +84,14 @@ def flux_schnell() -> Any:
         )
     return FluxPipeline(
         scheduler=scheduler,
-        vae=AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[128, 256, 512, 512],
-            layers_per_block=2,
-            latent_channels=16,
+        vae=_vae(
+            16,
             scaling_factor=0.3611,
             shift_factor=0.1159,
             use_quant_conv=False,
             use_post_quant_conv=False,
         ),
-        text_encoder=CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-            )
-        ),
+        text_encoder=CLIPTextModel(_clip_text_config(768, 12, 12)),
         tokenizer=tokenizer,
         text_encoder_2=T5EncoderModel(
             T5Config(
@@ -114,12 +124,11 @@ def flux_schnell() -> Any:
 def sdxl_turbo() -> Any:
     """SDXL-Turbo: the SDXL UNet, CLIP-L and OpenCLIP-bigG encoders, 4-channel VAE."""
     from diffusers import (
-        AutoencoderKL,
         EulerAncestralDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("cpu"):  # schedulers keep host arrays
         scheduler = EulerAncestralDiscreteScheduler(
@@ -129,40 +138,9 @@ def sdxl_turbo() -> Any:
             timestep_spacing="trailing",
         )
     return StableDiffusionXLPipeline(
-        vae=AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[128, 256, 512, 512],
-            layers_per_block=2,
-            latent_channels=4,
-            scaling_factor=0.13025,
-        ),
-        text_encoder=CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-            )
-        ),
-        text_encoder_2=CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                max_position_embeddings=77,
-                hidden_act="gelu",
-                projection_dim=1280,
-            )
-        ),
+        vae=_vae(4, scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(_clip_text_config(768, 12, 12)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(1280, 32, 20, "gelu")),
         tokenizer=_clip_tokenizer(),
         tokenizer_2=_clip_tokenizer(),
         unet=UNet2DConditionModel(

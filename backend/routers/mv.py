@@ -85,21 +85,20 @@ async def get_character_reference(
     redirect: Annotated[bool, Query(description="307 to the presigned URL")] = False,
 ) -> Response:
     """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
-    if delivery.serves_from_cloud:
-        cloud = await delivery.cloud_image(str(image_id))
-        if cloud is not None:
-            if redirect:
-                return RedirectResponse(cloud.url.url, status_code=307)
-            location = CloudImageLocation(
-                image_id=str(image_id),
-                image_url=cloud.url.url,
-                expires_in_seconds=cloud.url.expires_in,
-                expires_at=cloud.url.expires_at,
-                cloud_path=cloud.key,
-                content_type=cloud.content_type,
-            )
-            return JSONResponse(location.model_dump(mode="json"))
-    return image_file_response(request, await delivery.local_file(str(image_id)))
+    image = await delivery.locate(str(image_id))
+    if isinstance(image, LocalImageFile):
+        return image_file_response(request, image)
+    if redirect:
+        return RedirectResponse(image.url.url, status_code=307)
+    location = CloudImageLocation(
+        image_id=str(image_id),
+        image_url=image.url.url,
+        expires_in_seconds=image.url.expires_in,
+        expires_at=image.url.expires_at,
+        cloud_path=image.key,
+        content_type=image.content_type,
+    )
+    return JSONResponse(location.model_dump(mode="json"))
 
 
 def image_file_response(request: Request, image: LocalImageFile) -> Response:

@@ -40,21 +40,25 @@ class ImageDelivery:
         self._signer = storage if isinstance(storage, SignsExistingKeys) else None
         self.serves_from_cloud = assets.settings.serve_from_cloud and self._signer is not None
 
-    async def cloud_image(self, image_id: str) -> CloudImage | None:
-        """The S3 copy's presigned URL; None when it is missing or S3 is unreachable."""
-        key, _ = await self.assets.find_character_reference(image_id)
-        if self._signer is None:
-            return None
-        signed = await asyncio.to_thread(
-            self._signer.presign_existing, key, self.assets.settings.presigned_url_expiry
-        )
-        return None if signed is None else CloudImage(key, signed, content_type_for(key))
+    async def locate(self, image_id: str) -> CloudImage | LocalImageFile:
+        """The S3 copy's presigned URL when serving from the cloud and S3 holds it; else the
+        local copy (fetched from S3 first if only S3 holds it).
 
-    async def local_file(self, image_id: str) -> LocalImageFile:
-        """The local copy (fetched from S3 first if only S3 holds it)."""
+        Raises CharacterReferenceNotFoundError when no tier holds the image.
+        """
         key, sha256 = await self.assets.find_character_reference(image_id)
-        path = None if self._files is None else await asyncio.to_thread(self._files.local_copy, key)
+        return await asyncio.to_thread(self._locate_key, image_id, key, sha256)
+
+    def _locate_key(
+        self, image_id: str, key: str, sha256: str | None
+    ) -> CloudImage | LocalImageFile:
+        content_type = content_type_for(key)
+        if self.serves_from_cloud:
+            assert self._signer is not None
+            signed = self._signer.presign_existing(key, self.assets.settings.presigned_url_expiry)
+            if signed is not None:
+                return CloudImage(key, signed, content_type)
+        path = None if self._files is None else self._files.local_copy(key)
         if path is None:
             raise CharacterReferenceNotFoundError(image_id)
-        etag = f'"{sha256}"' if sha256 else None
-        return LocalImageFile(key, path, content_type_for(key), etag)
+        return LocalImageFile(key, path, content_type, f'"{sha256}"' if sha256 else None)

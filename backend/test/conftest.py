@@ -31,6 +31,7 @@ from services.generation.base import (
     GenerationResult,
 )
 from services.generation.local_diffusers import load_pipeline
+from services.generation.policy import GenerationPolicy
 from services.image_generation import build_generation_policy
 from services.storage.s3 import make_s3_client
 from services.storage_backend import StorageBackend, get_storage_backend
@@ -317,13 +318,19 @@ def make_api(
         if replicate is not None:
             overrides.setdefault("replicate_api_token", "r8_test-token")
         settings = make_settings(**overrides)
-        policy = build_generation_policy(
-            settings,
-            local_loader=local_loader,
-            replicate_transport=replicate.transport() if replicate else None,
-        )
-        if generators is not None:
-            policy.generators = generators
+        if generators is None:
+            policy = build_generation_policy(
+                settings,
+                local_loader=local_loader,
+                replicate_transport=replicate.transport() if replicate else None,
+            )
+        else:
+            policy = GenerationPolicy(
+                settings.image_generator,
+                generators,
+                queue_size=settings.generation_queue_size,
+                timeout_seconds=settings.generation_timeout_seconds,
+            )
         stack.callback(lambda: asyncio.run(policy.aclose()))  # after the app has stopped
         client = stack.enter_context(TestClient(create_app(settings, generation_policy=policy)))
         return ApiHarness(client, settings, s3, replicate)

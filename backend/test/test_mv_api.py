@@ -399,6 +399,20 @@ def test_upload_of_a_non_image_is_a_415(make_api: Callable[..., ApiHarness], dat
     assert stored_files(api) == []
 
 
+def test_upload_of_a_decompression_bomb_is_a_415(
+    make_api: Callable[..., ApiHarness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    api = make_api()
+    # Pillow refuses images over twice this many pixels; 200x200 stands in for a real bomb.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    reply = api.client.post(UPLOAD, files={"file": ("x.png", image_bytes("PNG", (200, 200)))})
+    assert reply.status_code == 415
+    assert "too many pixels" in reply.json()["detail"]["message"]
+    assert stored_files(api) == []
+
+
 def test_upload_without_a_file_is_a_422_naming_it(make_api: Callable[..., ApiHarness]) -> None:
     api = make_api()
     reply = api.client.post(UPLOAD, data={"character_description": "x"})

@@ -179,3 +179,13 @@ async def test_webp_output_is_kept_as_sent() -> None:
     assert fake.inputs[0]["output_format"] == "webp"
     assert result.images[0].encoded is not None
     assert identify_image(result.images[0].encoded).extension == "webp"
+
+
+async def test_decompression_bomb_output_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    # Pillow refuses images over twice this many pixels; 64x48 stands in for a real bomb.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    fake = FakeReplicate()
+    with pytest.raises(ProviderError, match="too many pixels"):
+        await generator_for(fake).generate(make_request((1,)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,14 @@ MAX_PRESIGNED_URL_EXPIRY = 604_800  # SigV4 presigned URLs cannot outlive seven 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REPLICATE_MODEL = re.compile(r"^[\w.-]+/[\w.-]+(:[0-9a-f]{64})?$")
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD")
+_ORIGIN = re.compile(r"https?://[^\s/?#]+")
+_INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+MIN_API_KEY_CHARS = 16
+
+
+def _default_instance_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63].lstrip("-_.")
+    return name or "instance"
 
 
 class SettingsError(ValueError):
@@ -57,8 +66,24 @@ class Settings(BaseSettings):
     replicate_api_token: SecretStr | None = None
     replicate_model: str = "black-forest-labs/flux-schnell"
     replicate_max_attempts: int = Field(default=4, ge=1, le=10)
-    generation_queue_size: int = Field(default=8, ge=1, le=1000)
+    max_queued_generations: int = Field(default=8, ge=1, le=1000)
+    generation_workers: int = Field(default=1, ge=1, le=32)
     generation_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
+
+    # Webhooks
+    webhook_secret: SecretStr | None = None
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    webhook_retry_base_seconds: float = Field(default=2.0, gt=0, le=300)
+    webhook_allow_private_networks: bool = False
+
+    # Access and operations
+    api_keys: SecretStr | None = None
+    cors_origins: str = ""
+    debug_endpoints: bool = False
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    instance_name: str = Field(default_factory=_default_instance_name)
 
     @field_validator("storage_bucket", "aws_endpoint_url", "public_base_url", mode="before")
     @classmethod
@@ -96,10 +121,64 @@ class Settings(BaseSettings):
             raise ValueError("must be 'owner/name' or 'owner/name:<64-hex version>'")
         return value
 
-    @field_validator("replicate_api_token")
+    @field_validator("replicate_api_token", "webhook_secret", "api_keys")
     @classmethod
     def _token_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None or not value.get_secret_value().strip() else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _long_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_API_KEY_CHARS:
+            raise ValueError(f"must be at least {MIN_API_KEY_CHARS} characters")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_api_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        keys = [key.strip() for key in value.get_secret_value().split(",")]
+        if any(len(key) < MIN_API_KEY_CHARS for key in keys):
+            raise ValueError(f"each key needs at least {MIN_API_KEY_CHARS} characters")
+        if any(not key.isascii() or not key.isprintable() for key in keys):
+            raise ValueError("keys must be printable ASCII")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _valid_origins(cls, value: str) -> str:
+        origins = [origin.strip() for origin in value.split(",") if origin.strip()]
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("'*' allows every origin; list origins or use '*' alone")
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return ",".join(origin.rstrip("/") for origin in origins)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("instance_name")
+    @classmethod
+    def _valid_instance_name(cls, value: str) -> str:
+        if not _INSTANCE_NAME.fullmatch(value):
+            raise ValueError("must be 1-63 of A-Z, a-z, 0-9, '_', '.', '-'")
+        return value
+
+    @property
+    def api_key_values(self) -> tuple[str, ...]:
+        """The accepted API keys; empty when API_KEYS is unset (no authentication)."""
+        if self.api_keys is None:
+            return ()
+        return tuple(key.strip() for key in self.api_keys.get_secret_value().split(","))
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """Origins allowed to call the API from a browser."""
+        return self.cors_origins.split(",") if self.cors_origins else []
 
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> Settings:

@@ -8,20 +8,41 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+import httpx
+from fastapi import Depends, FastAPI, Security
+from fastapi.middleware.cors import CORSMiddleware
 
 from config import Settings, SettingsError, get_settings
-from routers import mv, system
-from routers.errors import install_error_handlers
+from middleware import ApiKeyMiddleware, RequestContextMiddleware
+from observability import configure_logging
+from routers import debug, generations, jobs, mv, system
+from routers.deps import API_KEY_SCHEME, bind_path_ids
+from routers.errors import classify_error, install_error_handlers
 from services.asset_persistence import AssetPersistenceService
 from services.character_references import CharacterReferenceService
 from services.generation.policy import GenerationPolicy
+from services.generation_queue import GenerationQueue
+from services.generation_records import GenerationRecordStore
+from services.generations import GenerationService
+from services.idempotency import IdempotencyStore
 from services.image_delivery import ImageDelivery
 from services.image_generation import build_generation_policy
+from services.jobs import JobService
+from services.metrics import Metrics
 from services.storage_backend import StorageBackend, get_storage_backend
+from services.webhooks import WebhookSender
 from version import __version__
 
 logger = logging.getLogger(__name__)
+CORS_REQUEST_HEADERS = [
+    "Content-Type",
+    "X-API-Key",
+    "Idempotency-Key",
+    "X-Request-ID",
+    "If-None-Match",
+    "Range",
+]
+CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Location", "ETag", "Content-Range"]
 
 
 async def retry_pending_uploads_forever(service: AssetPersistenceService, interval: float) -> None:
@@ -39,6 +60,7 @@ def create_app(
     *,
     storage_backend: StorageBackend | None = None,
     generation_policy: GenerationPolicy | None = None,
+    webhook_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """Build the application; services are created once, when it starts.
 
@@ -46,17 +68,38 @@ def create_app(
     embedding); the app then leaves closing them to the caller.
     """
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        storage = storage_backend or get_storage_backend(settings)
+        storage = storage_backend or get_storage_backend(settings, observe=metrics.observe_storage)
         assets = AssetPersistenceService(storage, settings=settings)
         policy = generation_policy or build_generation_policy(settings)
         policy.start()  # the local model loads in the background; requests wait for it
+        webhooks = _webhook_sender(settings, metrics, webhook_transport)
+        idempotency = IdempotencyStore(storage)
+        character_references = CharacterReferenceService(assets, policy)
+        queue = GenerationQueue(
+            character_references.generate,
+            GenerationRecordStore(storage, settings.instance_name),
+            classify_error=classify_error,
+            metrics=metrics,
+            webhooks=webhooks,
+            max_queued=settings.max_queued_generations,
+            workers=settings.generation_workers,
+        )
+        await queue.start()
+        metrics.watch(metrics.pending_uploads, lambda: len(list(assets.pending_uploads())))
         app.state.settings = settings
+        app.state.metrics = metrics
         app.state.assets = assets
         app.state.generation = policy
-        app.state.character_references = CharacterReferenceService(assets, policy)
+        app.state.generation_queue = queue
+        app.state.character_references = character_references
+        app.state.generations = GenerationService(
+            queue, assets, idempotency, public_base_url=settings.public_base_url
+        )
+        app.state.jobs = JobService(assets, idempotency)
         app.state.delivery = ImageDelivery(assets)
         retrier = asyncio.create_task(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)
@@ -67,6 +110,9 @@ def create_app(
             retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retrier
+            await queue.aclose()
+            if webhooks is not None:
+                await webhooks.aclose()
             if generation_policy is None:
                 await policy.aclose()
             if storage_backend is None:
@@ -75,18 +121,58 @@ def create_app(
     app = FastAPI(
         title="Music-video backend",
         version=__version__,
-        description="Character reference images, their storage, and video-job assets.",
+        description="Character reference images, their storage, video jobs and their assets.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Routes under /api get the API key scheme in the OpenAPI schema when keys are set
+    # (ApiKeyMiddleware enforces it), and bind path ids to their log lines.
+    api_dependencies = [Depends(bind_path_ids)]
+    if settings.api_key_values:
+        api_dependencies.append(Security(API_KEY_SCHEME))
     app.include_router(system.router)
-    app.include_router(mv.router)
+    for router in (mv.router, generations.router, jobs.router):
+        app.include_router(router, dependencies=api_dependencies)
+    if settings.debug_endpoints:
+        app.include_router(debug.router, dependencies=api_dependencies)
+    # Added innermost first: the request context wraps CORS, which wraps the key check.
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_values)
+    origins = settings.cors_origin_list
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials=origins != ["*"],  # never credentials with a wildcard
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
+
+
+def _webhook_sender(
+    settings: Settings, metrics: Metrics, transport: httpx.AsyncBaseTransport | None
+) -> WebhookSender | None:
+    if settings.webhook_secret is None:
+        return None
+    return WebhookSender(
+        settings.webhook_secret.get_secret_value(),
+        max_attempts=settings.webhook_max_attempts,
+        timeout_seconds=settings.webhook_timeout_seconds,
+        backoff_base=settings.webhook_retry_base_seconds,
+        allow_private_networks=settings.webhook_allow_private_networks,
+        transport=transport,
+        on_outcome=lambda outcome: metrics.webhooks.labels(outcome).inc(),
+    )
 
 
 def _app_from_environment() -> FastAPI:
     try:
-        return create_app()
+        settings = get_settings()
+        configure_logging(settings.log_format, settings.log_level)
+        return create_app(settings)
     except SettingsError as error:
         # A clear one-line reason beats a traceback when the server refuses to start.
         print(f"error: {error}", file=sys.stderr)

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
+from fastapi.security import APIKeyHeader
 
 from config import Settings
+from observability import bind
 from services.asset_persistence import AssetPersistenceService
 from services.character_references import CharacterReferenceService
 from services.generation.policy import GenerationPolicy
+from services.generation_queue import GenerationQueue
+from services.generations import GenerationService
 from services.image_delivery import ImageDelivery
+from services.jobs import JobService
+from services.metrics import Metrics
+
+# Documents the X-API-Key header in the OpenAPI schema; ApiKeyMiddleware enforces it.
+API_KEY_SCHEME = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+async def bind_path_ids(request: Request) -> None:
+    """Put the request's job and generation ids on its log lines."""
+    params = request.path_params
+    bind(job_id=params.get("job_id"), generation_id=params.get("generation_id"))
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -38,8 +53,40 @@ def get_image_delivery(request: Request) -> ImageDelivery:
     return request.app.state.delivery
 
 
+def get_generation_queue(request: Request) -> GenerationQueue:
+    """The app's GenerationQueue."""
+    return request.app.state.generation_queue
+
+
+def get_generations(request: Request) -> GenerationService:
+    """The app's GenerationService."""
+    return request.app.state.generations
+
+
+def get_jobs(request: Request) -> JobService:
+    """The app's JobService."""
+    return request.app.state.jobs
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The app's Metrics."""
+    return request.app.state.metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 AssetsDep = Annotated[AssetPersistenceService, Depends(get_assets)]
 CharacterReferencesDep = Annotated[CharacterReferenceService, Depends(get_character_references)]
 GenerationPolicyDep = Annotated[GenerationPolicy, Depends(get_generation_policy)]
 ImageDeliveryDep = Annotated[ImageDelivery, Depends(get_image_delivery)]
+GenerationQueueDep = Annotated[GenerationQueue, Depends(get_generation_queue)]
+GenerationsDep = Annotated[GenerationService, Depends(get_generations)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="the same key and body give the same result; another body gets 422",
+    ),
+]

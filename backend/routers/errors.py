@@ -7,15 +7,21 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from mv.generation_jobs import GenerationFailure
 from services.generation.base import (
     GenerationBusyError,
+    GenerationCanceledError,
     GenerationError,
     GenerationTimeoutError,
     GeneratorFailedError,
     GeneratorUnavailableError,
     ProviderError,
 )
+from services.generation_records import GenerationNotFoundError, StoredGenerationFailedError
+from services.generations import GenerationFinishedError, WebhooksDisabledError
+from services.idempotency import IdempotencyKeyError
 from services.image_files import UnsupportedImageError
+from services.jobs import JobExistsError
 from services.storage.errors import (
     InvalidKeyError,
     ObjectNotFoundError,
@@ -28,11 +34,15 @@ logger = logging.getLogger(__name__)
 # (error class, HTTP status, error name); the first match wins, so subclasses come first.
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (GenerationBusyError, 429, "QueueFull"),
+    (GenerationNotFoundError, 404, "NotFound"),
+    (GenerationFinishedError, 409, "AlreadyFinished"),
+    (GenerationCanceledError, 409, "Canceled"),
     (GeneratorUnavailableError, 503, "GeneratorUnavailable"),
     (GeneratorFailedError, 503, "GeneratorFailed"),
     (ProviderError, 502, "ProviderError"),
     (GenerationTimeoutError, 504, "GenerationTimeout"),
     (GenerationError, 502, "GenerationFailed"),
+    (JobExistsError, 409, "JobExists"),
     (ObjectNotFoundError, 404, "NotFound"),
     (InvalidKeyError, 422, "InvalidId"),
     (UnsupportedImageError, 415, "UnsupportedImage"),
@@ -48,16 +58,42 @@ def error_response(status: int, error: str, message: str, **headers: str) -> JSO
     )
 
 
-async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+# Errors about one request field: 422 in FastAPI's own validation shape, naming the field.
+_FIELD_ERRORS: list[tuple[type[Exception], tuple[str, str]]] = [
+    (IdempotencyKeyError, ("header", "Idempotency-Key")),
+    (WebhooksDisabledError, ("body", "webhook_url")),
+]
+
+
+def classify_error(exc: BaseException) -> GenerationFailure:
+    """The status, name and message a service error is answered with (stored for async runs)."""
+    if isinstance(exc, StoredGenerationFailedError):
+        return exc.failure
     for kind, status, name in _STATUS:
         if isinstance(exc, kind):
-            headers = {}
-            if isinstance(exc, GenerationBusyError):
-                headers["Retry-After"] = str(exc.retry_after)
-            if status >= 500:
-                logger.warning("%s %s: %s: %s", request.method, request.url.path, name, exc)
-            return error_response(status, name, str(exc), **headers)
-    return await _unexpected_error(request, exc)
+            return GenerationFailure(error=name, message=str(exc), status_code=status)
+    logger.error("unexpected error", exc_info=exc)
+    return GenerationFailure(
+        error="InternalError", message="internal error; see the server log", status_code=500
+    )
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    failure = classify_error(exc)
+    headers = {}
+    if isinstance(exc, GenerationBusyError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if failure.status_code >= 500:
+        logger.warning(
+            "%s %s: %s: %s", request.method, request.url.path, failure.error, failure.message
+        )
+    return error_response(failure.status_code, failure.error, failure.message, **headers)
+
+
+async def _field_error(request: Request, exc: Exception) -> JSONResponse:
+    loc = next(loc for kind, loc in _FIELD_ERRORS if isinstance(exc, kind))
+    detail = [{"type": "value_error", "loc": list(loc), "msg": str(exc)}]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -67,6 +103,9 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Map service errors to statuses; anything unexpected to a bare 500."""
+    for kind, _ in _FIELD_ERRORS:
+        app.add_exception_handler(kind, _field_error)
+    app.add_exception_handler(StoredGenerationFailedError, _service_error)
     for kind, _, _ in _STATUS:
         app.add_exception_handler(kind, _service_error)
     app.add_exception_handler(Exception, _unexpected_error)

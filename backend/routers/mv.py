@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.datastructures import UploadFile
 
 from mv.character_reference import (
@@ -20,19 +18,19 @@ from mv.character_reference import (
 from routers.deps import (
     AssetsDep,
     CharacterReferencesDep,
-    GenerationPolicyDep,
+    GenerationsDep,
+    IdempotencyKeyHeader,
     ImageDeliveryDep,
-    SettingsDep,
 )
+from routers.serving import stored_file_response
 from routers.upload_limits import MAX_UPLOAD_BYTES, MULTIPART_OVERHEAD, capped_request, too_large
 from services.asset_records import CharacterReferenceRecord
-from services.image_delivery import LocalImageFile
+from services.image_delivery import CloudImage
 
 router = APIRouter(prefix="/api/mv", tags=["character references"])
 
 ImageId = Annotated[uuid.UUID, Path(description="the image's UUID")]
 
-IMMUTABLE_CACHE = "public, max-age=31536000, immutable"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no image with this id"},
     503: {"description": "storage unreachable and no local copy"},
@@ -71,10 +69,12 @@ _UPLOAD_BODY = {
     responses=_GENERATION_ERRORS,
 )
 async def generate_character_reference(
-    body: GenerateCharacterReferenceRequest, service: CharacterReferencesDep
+    body: GenerateCharacterReferenceRequest,
+    generations: GenerationsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerateCharacterReferenceResponse:
     """Generate 1-4 candidate character reference images; each is stored before the reply."""
-    return await service.generate(body)
+    return await generations.generate_now(body, idempotency_key)
 
 
 @router.api_route("/get_character_reference/{image_id}", methods=["GET", "HEAD"], responses=_ERRORS)
@@ -85,36 +85,20 @@ async def get_character_reference(
     redirect: Annotated[bool, Query(description="307 to the presigned URL")] = False,
 ) -> Response:
     """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
-    image = await delivery.locate(str(image_id))
-    if isinstance(image, LocalImageFile):
-        return image_file_response(request, image)
-    if redirect:
-        return RedirectResponse(image.url.url, status_code=307)
-    location = CloudImageLocation(
-        image_id=str(image_id),
-        image_url=image.url.url,
-        expires_in_seconds=image.url.expires_in,
-        expires_at=image.url.expires_at,
-        cloud_path=image.key,
-        content_type=image.content_type,
+    located = await delivery.locate(str(image_id))
+    return stored_file_response(request, located, redirect=redirect, cloud_reply=cloud_location)
+
+
+def cloud_location(cloud: CloudImage) -> CloudImageLocation:
+    """The JSON reply that points at an image's presigned URL."""
+    return CloudImageLocation(
+        image_id=cloud.key.rpartition("/")[2].rpartition(".")[0],
+        image_url=cloud.url.url,
+        expires_in_seconds=cloud.url.expires_in,
+        expires_at=cloud.url.expires_at,
+        cloud_path=cloud.key,
+        content_type=cloud.content_type,
     )
-    return JSONResponse(location.model_dump(mode="json"))
-
-
-def image_file_response(request: Request, image: LocalImageFile) -> Response:
-    """The file with validators and caching headers; 304 when the client's copy is current."""
-    headers = {"Cache-Control": IMMUTABLE_CACHE, "X-Content-Type-Options": "nosniff"}
-    if image.etag is not None:
-        headers["ETag"] = image.etag
-        if image.etag in _entity_tags(request.headers.get("if-none-match")):
-            return Response(status_code=304, headers=headers)
-    return FileResponse(image.path, media_type=image.content_type, headers=headers)
-
-
-def _entity_tags(header: str | None) -> set[str]:
-    if not header:
-        return set()
-    return {tag.strip().removeprefix("W/") for tag in header.split(",")}
 
 
 @router.post(
@@ -162,24 +146,3 @@ async def get_character_reference_metadata(
 ) -> CharacterReferenceRecord:
     """The image's metadata sidecar: how it was made, its size, type and sha256."""
     return await assets.get_character_reference_record(str(image_id))
-
-
-@router.get("/config/debug")
-async def config_debug(settings: SettingsDep, policy: GenerationPolicyDep) -> dict[str, Any]:
-    """Effective non-secret settings and which generators are available. Never secrets."""
-    endpoint = settings.aws_endpoint_url
-    return {
-        "storage_backend": settings.storage_backend,
-        "storage_bucket": settings.storage_bucket,
-        "serve_from_cloud": settings.serve_from_cloud,
-        "presigned_url_expiry": settings.presigned_url_expiry,
-        "aws_region": settings.aws_region,
-        "aws_endpoint_host": urlsplit(endpoint).hostname if endpoint else None,
-        "public_base_url": settings.public_base_url,
-        "image_generator": settings.image_generator,
-        "local_model_id": settings.local_model_id,
-        "local_device": settings.local_device,
-        "replicate_model": settings.replicate_model,
-        "replicate_configured": settings.replicate_api_token is not None,
-        "generation": policy.describe(),
-    }

@@ -1,21 +1,33 @@
-"""Operational endpoints: liveness and version."""
+"""Operational endpoints: liveness, readiness, version and Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import platform
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from routers.deps import AssetsDep, GenerationPolicyDep, MetricsDep
+from services.storage.base import ChecksHealth
 from version import __version__
 
 router = APIRouter(tags=["system"])
+STORAGE_CHECK_SECONDS = 5.0
 
 
 class Health(BaseModel):
     """Liveness: the process is up and serving requests."""
 
     status: str = "ok"
+
+
+class Readiness(BaseModel):
+    """Whether the server can do its work, and what is missing when it cannot."""
+
+    status: str
+    problems: list[str]
 
 
 class VersionInfo(BaseModel):
@@ -32,7 +44,32 @@ async def health() -> Health:
     return Health()
 
 
+@router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+async def ready(policy: GenerationPolicyDep, assets: AssetsDep) -> JSONResponse:
+    """Readiness probe: a generator can run (model loaded, or Replicate configured) and the
+    storage answers; 503 listing what is missing otherwise."""
+    problems = await policy.readiness_problems()
+    storage = assets.storage
+    if isinstance(storage, ChecksHealth):
+        try:
+            async with asyncio.timeout(STORAGE_CHECK_SECONDS):
+                await asyncio.to_thread(storage.check)
+        except TimeoutError:
+            problems.append(f"storage: no answer within {STORAGE_CHECK_SECONDS:g} s")
+        except Exception as error:
+            problems.append(f"storage: {error}")
+    if problems:
+        return JSONResponse(Readiness(status="not ready", problems=problems).model_dump(), 503)
+    return JSONResponse(Readiness(status="ready", problems=[]).model_dump())
+
+
 @router.get("/version")
 async def version() -> VersionInfo:
     """The backend's name and version."""
     return VersionInfo(name="mv-backend", version=__version__, python=platform.python_version())
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(registry: MetricsDep) -> Response:
+    """Prometheus metrics (a plain function: gauges read from disk run on a worker thread)."""
+    return Response(registry.render(), media_type=registry.content_type)

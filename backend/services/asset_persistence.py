@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from services.storage.keys import (
 from services.storage.local import content_type_for
 from services.storage_backend import (
     HoldsPendingUploads,
+    IntegrityError,
     InvalidKeyError,
     ObjectNotFoundError,
     SignsKnownKeysWithoutIO,
@@ -142,6 +145,10 @@ class AssetPersistenceService:
         self._inline_signer = (
             self.storage if isinstance(self.storage, SignsKnownKeysWithoutIO) else None
         )
+        # Weak: a job's lock lives only while someone holds or waits for it.
+        self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     # ----------------------------------------------------------------- URLs
 
@@ -150,7 +157,7 @@ class AssetPersistenceService:
 
         Blocking (presigning may refresh credentials): call it off the event loop.
         """
-        if self._signer is not None and self._is_signed_url(key):
+        if self._signer is not None and self.is_presigned(key):
             return self._signer.presign(key, self.settings.presigned_url_expiry).url
         # Local mode, or an upload still pending: the API serves the local copy.
         return self._local_urls.for_key(key)
@@ -279,13 +286,13 @@ class AssetPersistenceService:
             id=image_id,
             key=key,
             url=url,
-            cloud_url=url if self._is_signed_url(key) else None,
+            cloud_url=url if self.is_presigned(key) else None,
             kind=image.kind,
             sha256=image.sha256,
             size=len(image.data),
         )
 
-    def _is_signed_url(self, key: str) -> bool:
+    def is_presigned(self, key: str) -> bool:
         """Whether url_for_key(key) gives a presigned URL (S3 mode, upload not pending)."""
         pending = self._pending_store is not None and self._pending_store.is_pending(key)
         return self._signer is not None and not pending
@@ -349,6 +356,60 @@ class AssetPersistenceService:
             raise InvalidKeyError("image_ids must be a list of ids, not one string")
         ids = [parse_image_id(image_id) for image_id in image_ids]
         return await asyncio.to_thread(self._associate, job_id, ids, Path(local_base_path))
+
+    def _attach(self, job_id: str, image_ids: list[str]) -> JobManifest:
+        # Resolve every id first, so an unknown one fails the call before anything is copied.
+        found = [self._find_character_reference(image_id) for image_id in image_ids]
+        manifest = self._read_manifest_or_empty(job_id)
+        listed = {entry.path: entry for entry in manifest.files}
+        for image_id, (key, sha256) in zip(image_ids, found, strict=True):
+            extension = key.rpartition(".")[2]
+            relative = f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{extension}"
+            if sha256 is not None and getattr(listed.get(relative), "sha256", None) == sha256:
+                continue  # attached before: nothing to copy
+            data = self.storage.get_bytes(key)
+            digest = hashlib.sha256(data).hexdigest()
+            if sha256 is not None and digest != sha256:
+                raise IntegrityError(key, sha256, digest)
+            content_type = IMAGE_CONTENT_TYPES[extension]
+            self.storage.put_bytes(job_asset_key(job_id, relative), data, content_type)
+            listed[relative] = ManifestEntry(
+                path=relative,
+                category=CHARACTER_REFERENCES_CATEGORY,
+                size=len(data),
+                sha256=digest,
+                content_type=content_type,
+            )
+        updated = manifest.model_copy(
+            update={"files": sorted(listed.values(), key=lambda entry: entry.path)}
+        )
+        self.storage.put_bytes(
+            job_manifest_key(job_id), updated.model_dump_json(indent=2).encode(), "application/json"
+        )
+        return updated
+
+    async def attach_character_references(
+        self, job_id: str, image_ids: Sequence[str]
+    ) -> JobManifest:
+        """Copy stored images under the job and list them in its manifest (idempotent).
+
+        The server-side counterpart of associate_character_images_with_job, for clients with
+        no job directory. CharacterReferenceNotFoundError names an unknown id; then nothing
+        is copied.
+        """
+        job_id = parse_job_id(job_id)
+        ids = [parse_image_id(image_id) for image_id in image_ids]
+        async with self._job_lock(job_id):
+            return await asyncio.to_thread(self._attach, job_id, ids)
+
+    @contextlib.asynccontextmanager
+    async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
+        """One manifest update per job at a time in this process."""
+        lock = self._job_locks.get(job_id)
+        if lock is None:
+            lock = self._job_locks[job_id] = asyncio.Lock()
+        async with lock:
+            yield
 
     # ------------------------------------------------------------ job assets
 
@@ -426,6 +487,12 @@ class AssetPersistenceService:
         if manifest.job_id != job_id:
             raise StorageError(f"manifest of job {job_id} names job {manifest.job_id}")
         return manifest
+
+    def _read_manifest_or_empty(self, job_id: str) -> JobManifest:
+        try:
+            return self._read_manifest(job_id)
+        except JobNotFoundError:
+            return JobManifest(job_id=job_id, files=[])
 
     async def get_job_manifest(self, job_id: str) -> JobManifest:
         """The stored manifest of a job; JobNotFoundError if there is none."""

@@ -24,7 +24,12 @@ from mv.character_reference import (
 )
 from services.asset_persistence import AssetPersistenceService, StoredCharacterReference
 from services.asset_records import GenerationDetails, utc_now
-from services.generation.base import GeneratedImage, GenerationRequest, ProviderError
+from services.generation.base import (
+    GeneratedImage,
+    GenerationProgress,
+    GenerationRequest,
+    ProviderError,
+)
 from services.generation.policy import GenerationPolicy
 from services.image_files import UnsupportedImageError, encode_image, identify_image, verify_image
 
@@ -50,7 +55,9 @@ class CharacterReferenceService:
         self.policy = policy
 
     async def generate(
-        self, body: GenerateCharacterReferenceRequest
+        self,
+        body: GenerateCharacterReferenceRequest,
+        progress: GenerationProgress | None = None,
     ) -> GenerateCharacterReferenceResponse:
         """Generate, encode and store every image of the request, or raise a GenerationError."""
         started = time.perf_counter()
@@ -63,7 +70,7 @@ class CharacterReferenceService:
             negative_prompt=negative_prompt,
             output_format=body.output_format,
         )
-        outcome = await self.policy.generate(request, backend=body.backend)
+        outcome = await self.policy.generate(request, backend=body.backend, progress=progress)
         result = outcome.result
         if len(result.images) != body.num_images:
             raise ProviderError(

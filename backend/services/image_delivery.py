@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.asset_persistence import AssetPersistenceService, CharacterReferenceNotFoundError
 from services.storage.base import HasLocalCopies, PresignedUrl, SignsExistingKeys
+from services.storage.errors import ObjectNotFoundError
 from services.storage.local import content_type_for
 
 
@@ -47,10 +48,16 @@ class ImageDelivery:
         Raises CharacterReferenceNotFoundError when no tier holds the image.
         """
         key, sha256 = await self.assets.find_character_reference(image_id)
-        return await asyncio.to_thread(self._locate_key, image_id, key, sha256)
+        return await self.locate_key(key, sha256, CharacterReferenceNotFoundError(image_id))
+
+    async def locate_key(
+        self, key: str, sha256: str | None, not_found: ObjectNotFoundError
+    ) -> CloudImage | LocalImageFile:
+        """Like locate, for any stored key; raises `not_found` when no tier holds it."""
+        return await asyncio.to_thread(self._locate_key, key, sha256, not_found)
 
     def _locate_key(
-        self, image_id: str, key: str, sha256: str | None
+        self, key: str, sha256: str | None, not_found: ObjectNotFoundError
     ) -> CloudImage | LocalImageFile:
         content_type = content_type_for(key)
         if self.serves_from_cloud:
@@ -60,5 +67,5 @@ class ImageDelivery:
                 return CloudImage(key, signed, content_type)
         path = None if self._files is None else self._files.local_copy(key)
         if path is None:
-            raise CharacterReferenceNotFoundError(image_id)
+            raise not_found
         return LocalImageFile(key, path, content_type, f'"{sha256}"' if sha256 else None)

@@ -72,6 +72,5 @@ def build_generation_policy(
     return GenerationPolicy(
         settings.image_generator,
         generators,
-        queue_size=settings.generation_queue_size,
         timeout_seconds=settings.generation_timeout_seconds,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from config import Settings
@@ -45,7 +47,43 @@ __all__ = [
 ]
 
 
-def get_storage_backend(settings: Settings, *, s3_client: Any | None = None) -> StorageBackend:
+StorageObserver = Callable[[str, str, float, bool], None]  # backend, operation, seconds, ok
+
+
+def observe_s3_calls(client: Any, observe: StorageObserver) -> None:
+    """Report every S3 API call's latency and outcome to `observe` (botocore event hooks).
+
+    A 404 is an answer (a HEAD finding nothing), not an error.
+    """
+
+    def before(context: dict[str, Any], **_: Any) -> None:
+        context["mv_started"] = time.perf_counter()
+
+    def report(event_name: str, context: dict[str, Any], ok: bool) -> None:
+        operation = event_name.rpartition(".")[2]  # after-call.s3.PutObject -> PutObject
+        started = context.get("mv_started")
+        if started is not None:
+            observe("s3", operation, time.perf_counter() - started, ok)
+
+    def after(event_name: str, context: dict[str, Any], http_response: Any, **_: Any) -> None:
+        status = getattr(http_response, "status_code", 200)
+        report(event_name, context, status < 400 or status == 404)
+
+    def failed(event_name: str, context: dict[str, Any], **_: Any) -> None:
+        report(event_name, context, False)
+
+    events = client.meta.events
+    events.register("before-call.s3", before)
+    events.register("after-call.s3", after)
+    events.register("after-call-error.s3", failed)
+
+
+def get_storage_backend(
+    settings: Settings,
+    *,
+    s3_client: Any | None = None,
+    observe: StorageObserver | None = None,
+) -> StorageBackend:
     """The backend STORAGE_BACKEND selects: local disk, or S3 written through local disk."""
     local = LocalStorageBackend(settings.output_dir)
     if settings.storage_backend == "local":
@@ -59,5 +97,7 @@ def get_storage_backend(settings: Settings, *, s3_client: Any | None = None) -> 
         read_timeout=settings.s3_read_timeout,
         max_pool_connections=2 * settings.storage_max_concurrency,
     )
+    if observe is not None:
+        observe_s3_calls(client, observe)
     remote = S3StorageBackend(settings.storage_bucket, client)
     return WriteThroughStorageBackend(local, remote, max_workers=settings.storage_max_concurrency)

@@ -27,6 +27,7 @@ from main import create_app
 from services.asset_persistence import AssetPersistenceService
 from services.generation.base import (
     GeneratedImage,
+    GenerationProgress,
     GenerationRequest,
     GenerationResult,
 )
@@ -241,6 +242,7 @@ class BlockingGenerator:
 
     name = "replicate"
     model = "fake/blocking"
+    total_steps = 10
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -257,10 +259,19 @@ class BlockingGenerator:
         """Its name."""
         return {"model": self.model}
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Wait for `release`, then return small images."""
+    async def generate(
+        self, request: GenerationRequest, progress: GenerationProgress | None = None
+    ) -> GenerationResult:
+        """Report a step every 20 ms until `release` is set (or it is canceled), then return
+        small images."""
+        progress = progress or GenerationProgress()
         self.started.set()
-        await asyncio.to_thread(self.release.wait, 30)
+        step = 0
+        while not self.release.is_set():
+            progress.advance(min(step, self.total_steps - 1), self.total_steps)
+            step += 1
+            await asyncio.sleep(0.02)
+        progress.advance(self.total_steps, self.total_steps)
         images = tuple(
             GeneratedImage(seed, Image.new("RGB", (8, 8), (seed % 256, 0, 0)))
             for seed in request.seeds
@@ -328,7 +339,6 @@ def make_api(
             policy = GenerationPolicy(
                 settings.image_generator,
                 generators,
-                queue_size=settings.generation_queue_size,
                 timeout_seconds=settings.generation_timeout_seconds,
             )
         stack.callback(lambda: asyncio.run(policy.aclose()))  # after the app has stopped

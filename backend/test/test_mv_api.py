@@ -438,6 +438,8 @@ def test_config_debug_shows_settings_and_never_secrets(make_api: Callable[..., A
         replicate=FakeReplicate(),
         replicate_api_token="r8_very-secret-token",
         serve_from_cloud=True,
+        debug_endpoints=True,
+        webhook_secret="webhook-secret-value-0123",
     )
     reply = api.client.get("/api/mv/config/debug")
     assert reply.status_code == 200
@@ -449,5 +451,11 @@ def test_config_debug_shows_settings_and_never_secrets(make_api: Callable[..., A
     assert body["image_generator"] == "auto"
     assert body["replicate_configured"] is True
     assert set(body["generation"]["generators"]) == {"local", "replicate"}
-    for secret in ("r8_very-secret-token", "testing"):  # the token, the AWS test keys
+    assert body["webhooks_enabled"] is True
+    for secret in ("r8_very-secret-token", "testing", "webhook-secret-value-0123"):
         assert secret not in reply.text
+
+
+def test_config_debug_is_absent_unless_enabled(make_api: Callable[..., ApiHarness]) -> None:
+    api = make_api()
+    assert api.client.get("/api/mv/config/debug").status_code == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,6 +46,44 @@ class GenerationResult:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+class GenerationProgress:
+    """Progress of one running generation, and its cancel switch; safe to share with threads.
+
+    The generator calls `advance` as work completes (diffusion steps, or finished images);
+    once `cancel()` has been called, the next `advance` raises GenerationCanceledError, which
+    is how a pipeline stops at its next step.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.total_steps = 0
+        self._canceled = threading.Event()
+
+    def advance(self, step: int, total_steps: int) -> None:
+        """Record that `step` of `total_steps` is done; raise if the generation was canceled."""
+        self.step, self.total_steps = step, total_steps
+        self.raise_if_canceled()
+
+    def raise_if_canceled(self) -> None:
+        """Raise GenerationCanceledError once cancel() has been called."""
+        if self._canceled.is_set():
+            raise GenerationCanceledError("the generation was canceled")
+
+    def cancel(self) -> None:
+        """Ask the generation to stop at its next step."""
+        self._canceled.set()
+
+    @property
+    def canceled(self) -> bool:
+        """Whether cancel() was called."""
+        return self._canceled.is_set()
+
+    @property
+    def fraction(self) -> float:
+        """Share of the work done, 0..1."""
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
 @runtime_checkable
 class ImageGenerator(Protocol):
     """Something that turns a GenerationRequest into images."""
@@ -58,8 +97,10 @@ class ImageGenerator(Protocol):
     async def unavailable_reason(self) -> str | None:
         """None when the generator can take requests, else why not (waits for a load)."""
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """All images of `request`, or a GenerationError."""
+    async def generate(
+        self, request: GenerationRequest, progress: GenerationProgress | None = None
+    ) -> GenerationResult:
+        """All images of `request`, or a GenerationError; reports to and obeys `progress`."""
 
     def describe(self) -> dict[str, Any]:
         """Non-secret state for /config/debug."""
@@ -94,6 +135,10 @@ class GenerationBusyError(GenerationError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class GenerationCanceledError(GenerationError):
+    """The generation was canceled before it finished."""
 
 
 class GenerationTimeoutError(GenerationError):

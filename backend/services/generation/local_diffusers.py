@@ -18,6 +18,8 @@ from config import BACKEND_DIR
 from mv.character_reference import image_size
 from services.generation.base import (
     GeneratedImage,
+    GenerationCanceledError,
+    GenerationProgress,
     GenerationRequest,
     GenerationResult,
     GeneratorFailedError,
@@ -204,13 +206,16 @@ class DiffusersGenerator:
 
     # -------------------------------------------------------------- generation
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run the whole request as one batch on the worker thread."""
+    async def generate(
+        self, request: GenerationRequest, progress: GenerationProgress | None = None
+    ) -> GenerationResult:
+        """Run the whole request as one batch on the worker thread, reporting each step."""
         reason = await self.unavailable_reason()
         if reason is not None:
             raise GeneratorFailedError(reason)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self._generate_on_worker, request)
+        progress = progress or GenerationProgress()
+        return await loop.run_in_executor(self._worker, self._generate_on_worker, request, progress)
 
     @property
     def pipeline(self) -> Any:
@@ -249,13 +254,24 @@ class DiffusersGenerator:
         guidance = self._profile.guidance_scale
         return accepts and (guidance is None or guidance > 1)
 
-    def _generate_on_worker(self, request: GenerationRequest) -> GenerationResult:
+    def _generate_on_worker(
+        self, request: GenerationRequest, progress: GenerationProgress
+    ) -> GenerationResult:
         import torch
 
+        progress.raise_if_canceled()  # canceled while waiting for the worker
         arguments = self.call_arguments(request)
+
+        def on_step_end(pipeline: Any, step: int, _: Any, tensors: dict[str, Any]) -> Any:
+            # Raising here is what stops a canceled generation at its next step.
+            progress.advance(step + 1, int(getattr(pipeline, "num_timesteps", 0) or 0))
+            return tensors
+
         try:
             with torch.inference_mode():
-                output = self._pipeline(**arguments)
+                output = self._pipeline(**arguments, callback_on_step_end=on_step_end)
+        except GenerationCanceledError:
+            raise
         except torch.OutOfMemoryError:
             del arguments
             _free_accelerator_memory()

@@ -1,16 +1,14 @@
-"""The generation policy: which generator runs a request, fallback, queue limit and deadline."""
+"""The generation policy: which generator runs a request, the fallback, and the deadline."""
 
 from __future__ import annotations
 
 import asyncio
-import math
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mv.character_reference import GeneratorName
 from services.generation.base import (
-    GenerationBusyError,
+    GenerationProgress,
     GenerationRequest,
     GenerationResult,
     GenerationTimeoutError,
@@ -37,11 +35,9 @@ class PolicyOutcome:
 
 
 class GenerationPolicy:
-    """Owns the generator order (local first in `auto`), the fallback, admission and deadline.
+    """Owns the generator order (local first in `auto`), the fallback and the deadline.
 
-    Admission is a counter of requests running or waiting: past `queue_size` a request is
-    refused at once with a Retry-After estimated from recent durations, instead of piling up
-    behind a GPU that serves one batch at a time.
+    Admission (how many requests may wait) belongs to the generation queue in front of it.
     """
 
     def __init__(
@@ -49,15 +45,11 @@ class GenerationPolicy:
         mode: PolicyMode,
         generators: dict[GeneratorName, ImageGenerator],
         *,
-        queue_size: int = 8,
         timeout_seconds: float = 300.0,
     ) -> None:
         self.mode = mode
         self.generators = generators
-        self.queue_size = queue_size
         self.timeout_seconds = timeout_seconds
-        self._admitted = 0
-        self._recent_seconds = 10.0  # moving average of request durations
 
     def start(self) -> None:
         """Start every generator's preparation (the local model load) in the background."""
@@ -73,8 +65,6 @@ class GenerationPolicy:
         """Mode, limits and each configured generator's state, for /config/debug."""
         return {
             "mode": self.mode,
-            "queue_size": self.queue_size,
-            "in_flight": self._admitted,
             "timeout_seconds": self.timeout_seconds,
             "generators": {name: g.describe() for name, g in self.generators.items()},
         }
@@ -84,34 +74,49 @@ class GenerationPolicy:
             return [requested]
         return ["local", "replicate"] if self.mode == "auto" else [self.mode]
 
-    def _retry_after(self) -> int:
-        return max(1, min(300, math.ceil(self._recent_seconds * self._admitted / 2)))
+    async def readiness_problems(self) -> list[str]:
+        """Why no generator could take a request now; empty when one can.
+
+        A local model still loading counts as a problem: the server is not ready until it is
+        loaded, or until Replicate is configured as well.
+        """
+        problems: list[str] = []
+        for name in self._order(None):
+            generator = self.generators.get(name)
+            if generator is None:
+                problems.append(f"{name}: not configured ({_HOW_TO_ENABLE[name]})")
+                continue
+            state = generator.describe().get("state")
+            if state == "loading":
+                problems.append(f"{name}: the model {generator.model!r} is still loading")
+                continue
+            reason = await generator.unavailable_reason()
+            if reason is None:
+                return []
+            problems.append(f"{name}: {reason}")
+        return problems
 
     async def generate(
-        self, request: GenerationRequest, *, backend: GeneratorName | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        backend: GeneratorName | None = None,
+        progress: GenerationProgress | None = None,
     ) -> PolicyOutcome:
         """Generate with the first generator that can; raise a GenerationError otherwise."""
-        if self._admitted >= self.queue_size:
-            raise GenerationBusyError(
-                f"the generation queue is full ({self.queue_size} requests)", self._retry_after()
-            )
-        self._admitted += 1
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                outcome = await self._generate(request, backend)
+                return await self._generate(request, backend, progress)
         except TimeoutError:
             raise GenerationTimeoutError(
                 f"generation did not finish within {self.timeout_seconds:g} s"
             ) from None
-        finally:
-            self._admitted -= 1
-        elapsed = time.perf_counter() - started
-        self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * elapsed
-        return outcome
 
     async def _generate(
-        self, request: GenerationRequest, requested: GeneratorName | None
+        self,
+        request: GenerationRequest,
+        requested: GeneratorName | None,
+        progress: GenerationProgress | None,
     ) -> PolicyOutcome:
         order = self._order(requested)
         if requested is not None and self.mode not in ("auto", requested):
@@ -131,7 +136,7 @@ class GenerationPolicy:
                 continue
             is_last = index == len(order) - 1
             try:
-                result = await generator.generate(request)
+                result = await generator.generate(request, progress)
             except GeneratorFailedError as error:
                 if is_last:
                     raise

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -16,8 +13,10 @@ import replicate
 from replicate.exceptions import ModelError, ReplicateError
 
 from mv.character_reference import image_size
+from services.backoff import backoff_delay, parse_retry_after
 from services.generation.base import (
     GeneratedImage,
+    GenerationProgress,
     GenerationRequest,
     GenerationResult,
     ProviderError,
@@ -42,20 +41,6 @@ class RetryableHTTPError(Exception):
         super().__init__(f"HTTP {status}")
         self.status = status
         self.retry_after = retry_after
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 async def _raise_retryable(response: httpx.Response) -> None:
@@ -149,9 +134,25 @@ class ReplicateGenerator:
         """Model and retry policy (never the token)."""
         return {"model": self.model, "state": "ready", "max_attempts": self.max_attempts}
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """One prediction per seed, concurrently; every output downloaded and checked."""
-        images = await asyncio.gather(*(self._one_image(request, seed) for seed in request.seeds))
+    async def generate(
+        self, request: GenerationRequest, progress: GenerationProgress | None = None
+    ) -> GenerationResult:
+        """One prediction per seed, concurrently; progress counts finished images.
+
+        Canceling the awaiting task cancels every prediction's requests with it.
+        """
+        progress = progress or GenerationProgress()
+        progress.advance(0, request.num_images)
+        done = 0
+
+        async def counted(seed: int) -> GeneratedImage:
+            nonlocal done
+            image = await self._one_image(request, seed)
+            done += 1
+            progress.advance(done, request.num_images)
+            return image
+
+        images = await asyncio.gather(*(counted(seed) for seed in request.seeds))
         parameters = {"model_inputs": replicate_inputs(self.model, request, request.seeds[0])}
         parameters["model_inputs"].pop("seed")
         return GenerationResult(tuple(images), self.model, "replicate", parameters)
@@ -218,8 +219,9 @@ class ReplicateGenerator:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Full-jitter exponential backoff, never sooner than the provider's Retry-After."""
-        jittered = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
-        return max(jittered, min(retry_after, self.backoff_cap * 3)) if retry_after else jittered
+        return backoff_delay(
+            attempt, base=self.backoff_base, cap=self.backoff_cap, retry_after=retry_after
+        )
 
     async def aclose(self) -> None:
         """Close the HTTP clients."""

@@ -132,3 +132,12 @@ class SignsExistingKeys(Protocol):
     def presign_existing(self, key: str, expires_in: int) -> PresignedUrl | None:
         """A URL when the remote copy exists; None when it is missing or the store is down."""
         ...
+
+
+@runtime_checkable
+class ChecksHealth(Protocol):
+    """A store that can tell whether it is reachable and usable."""
+
+    def check(self) -> None:
+        """Raise a StorageError unless the store answers."""
+        ...

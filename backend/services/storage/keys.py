@@ -14,7 +14,8 @@ MANIFEST_NAME = "manifest.json"
 MAX_KEY_BYTES = 1024
 
 _CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 # Extension of stored images -> content type. "jpeg" is stored as "jpg" so one image has one key.
 IMAGE_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _EXTENSION_ALIASES = {"jpeg": "jpg"}

@@ -151,5 +151,14 @@ class LocalStorageBackend:
                 keys.append(path.relative_to(self.root).as_posix())
         return sorted(keys)
 
+    def check(self) -> None:
+        """Raise a StorageError unless the root directory exists (or can be made), writable."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot create {self.root}: {error.strerror}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"{self.root} is not writable")
+
     def close(self) -> None:
         """Nothing to release."""

@@ -1,0 +1,143 @@
+"""ASGI middleware: request ids, access logs and HTTP metrics; API keys on /api routes."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from observability import request_id_var
+from services.metrics import Metrics
+
+logger = logging.getLogger("mv.access")
+REQUEST_ID_HEADER = "X-Request-ID"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_INTERNAL_ERROR = json.dumps(
+    {"detail": {"error": "InternalError", "message": "internal error; see the server log"}}
+).encode()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (the client's X-Request-ID when well-formed), returns it,
+    logs one line per request and records its latency by route.
+
+    An exception no handler turned into a reply becomes a bare 500 here, so that it too
+    carries the request id and is counted.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = _header(scope, b"x-request-id")
+        request_id = (
+            offered if offered and _CLIENT_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        )
+        token = request_id_var.set(request_id)
+        status = 500
+        started = time.perf_counter()
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error")
+            if response_started:
+                raise
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send_with_id({"type": "http.response.body", "body": _INTERNAL_ERROR})
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.http_requests.labels(method, route, str(status)).inc()
+            self.metrics.http_latency.labels(method, route).observe(elapsed)
+            logger.info(
+                "%s %s %d",
+                method,
+                scope["path"],
+                status,
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
+
+
+class ApiKeyMiddleware:
+    """When keys are configured, every /api request needs a valid X-API-Key header.
+
+    Checked before the body is read; each key is compared in constant time, and all of them
+    are compared, so the reply time does not tell which key came close.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str], prefix: str = "/api/") -> None:
+        self.app = app
+        self._keys = [key.encode() for key in keys]
+        self.prefix = prefix
+
+    def _accepted(self, offered: str | None) -> bool:
+        candidate = (offered or "").encode()
+        matches = [hmac.compare_digest(candidate, key) for key in self._keys]
+        return offered is not None and any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or not self._keys
+            or not scope["path"].startswith(self.prefix)
+            or self._accepted(_header(scope, b"x-api-key"))
+        ):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(
+            {"detail": {"error": "Unauthorized", "message": "a valid X-API-Key header is required"}}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b"ApiKey"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,68 @@
+"""Asynchronous generation: 202 and a status URL, polling, cancel, signed webhooks."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Response
+
+from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
+from routers.deps import GenerationsDep, IdempotencyKeyHeader, SettingsDep
+
+router = APIRouter(prefix="/api/mv", tags=["asynchronous generation"])
+
+GenerationId = Annotated[uuid.UUID, Path(description="the id POST returned")]
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such generation"}}
+
+
+@router.post(
+    "/character_reference_jobs",
+    status_code=202,
+    response_model=GenerationStatus,
+    responses={429: {"description": "the generation queue is full; see Retry-After"}},
+)
+async def submit_character_reference_job(
+    body: AsyncGenerateCharacterReferenceRequest,
+    response: Response,
+    generations: GenerationsDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> GenerationStatus:
+    """Queue a generation (the sync route's body, plus `webhook_url`); poll `status_url`."""
+    status = await generations.submit(
+        body, idempotency_key, webhooks_enabled=settings.webhook_secret is not None
+    )
+    response.headers["Location"] = status.status_url
+    return status
+
+
+@router.get(
+    "/character_reference_jobs/{generation_id}",
+    response_model=GenerationStatus,
+    responses=_NOT_FOUND,
+)
+async def get_character_reference_job(
+    generation_id: GenerationId, generations: GenerationsDep
+) -> GenerationStatus:
+    """queued (with queue_position), running (with progress), succeeded, failed or canceled."""
+    return await generations.status(str(generation_id))
+
+
+@router.delete(
+    "/character_reference_jobs/{generation_id}",
+    response_model=GenerationStatus,
+    responses={
+        **_NOT_FOUND,
+        202: {"description": "another replica runs it; it stops within a second or so"},
+        409: {"description": "it already succeeded or failed"},
+    },
+)
+async def cancel_character_reference_job(
+    generation_id: GenerationId, response: Response, generations: GenerationsDep
+) -> GenerationStatus:
+    """Cancel: a queued generation is dropped, a running one stops at its next step."""
+    status = await generations.cancel(str(generation_id))
+    if status.status != "canceled":
+        response.status_code = 202
+    return status

@@ -1,0 +1,121 @@
+"""Video jobs: create, read with asset URLs, attach character references, serve assets."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import BaseModel
+
+from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
+from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep
+from routers.mv import cloud_location
+from routers.serving import REVALIDATE_CACHE, stored_file_response
+from services.image_delivery import CloudImage
+from services.storage.errors import ObjectNotFoundError
+from services.storage.keys import JOB_ID_PATTERN
+
+router = APIRouter(prefix="/api/mv/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id")]
+ImageId = Annotated[uuid.UUID, Path(description="the image's UUID")]
+Redirect = Annotated[bool, Query(description="307 to the presigned URL")]
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job or asset"}}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Job,
+    responses={409: {"description": "a job with this id exists"}},
+)
+async def create_job(
+    body: CreateJobRequest,
+    request: Request,
+    response: Response,
+    jobs: JobsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Job:
+    """Create a video job (`job_id` generated when absent) with optional metadata."""
+    job = await jobs.create(body, idempotency_key)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.job_id).path)
+    return job
+
+
+@router.get("/{job_id}", response_model=Job, responses=_NOT_FOUND)
+async def get_job(job_id: JobId, jobs: JobsDep) -> Job:
+    """The job and every asset its manifest lists, each with a URL."""
+    return await jobs.get(job_id)
+
+
+@router.post("/{job_id}/character_references", response_model=Job, responses=_NOT_FOUND)
+async def attach_character_references(
+    job_id: JobId, body: AttachCharacterReferencesRequest, jobs: JobsDep
+) -> Job:
+    """Attach stored character references to the job (idempotent); the job afterwards."""
+    return await jobs.attach(job_id, body.image_ids)
+
+
+@router.api_route(
+    "/{job_id}/character_references/{image_id}", methods=["GET", "HEAD"], responses=_NOT_FOUND
+)
+async def get_job_character_reference(
+    job_id: JobId,
+    image_id: ImageId,
+    request: Request,
+    jobs: JobsDep,
+    delivery: ImageDeliveryDep,
+    redirect: Redirect = False,
+) -> Response:
+    """A job's character reference, served like /get_character_reference."""
+    key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
+    missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
+    located = await delivery.locate_key(key, sha256, missing)
+    return stored_file_response(request, located, redirect=redirect, cloud_reply=cloud_location)
+
+
+class CloudAssetLocation(BaseModel):
+    """Reply of GET /jobs/{job_id}/assets/{path} when serving from S3."""
+
+    path: str
+    asset_url: str
+    storage_backend: Literal["s3"] = "s3"
+    expires_in_seconds: int
+    expires_at: datetime
+    cloud_path: str
+    content_type: str
+
+
+@router.api_route("/{job_id}/assets/{path:path}", methods=["GET", "HEAD"], responses=_NOT_FOUND)
+async def get_job_asset(
+    job_id: JobId,
+    path: str,
+    request: Request,
+    jobs: JobsDep,
+    delivery: ImageDeliveryDep,
+    redirect: Redirect = False,
+) -> Response:
+    """Any file of a job: its bytes, or its presigned URL (JSON or 307) in cloud mode."""
+    key, sha256 = await jobs.asset_key(job_id, path)
+    missing = ObjectNotFoundError(key, f"job {job_id} has no asset {path!r}")
+    located = await delivery.locate_key(key, sha256, missing)
+    return stored_file_response(
+        request,
+        located,
+        redirect=redirect,
+        cloud_reply=_asset_location,
+        cache_control=REVALIDATE_CACHE,
+    )
+
+
+def _asset_location(cloud: CloudImage) -> CloudAssetLocation:
+    return CloudAssetLocation(
+        path=cloud.key.split("/", 2)[2],
+        asset_url=cloud.url.url,
+        expires_in_seconds=cloud.url.expires_in,
+        expires_at=cloud.url.expires_at,
+        cloud_path=cloud.key,
+        content_type=cloud.content_type,
+    )

@@ -1,0 +1,191 @@
+"""Generations as the API offers them: run now (sync) or queued (async), idempotent, cancelable."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from mv.character_reference import (
+    CharacterReferenceImage,
+    GenerateCharacterReferenceRequest,
+    GenerateCharacterReferenceResponse,
+)
+from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
+from services.asset_persistence import AssetPersistenceService
+from services.asset_urls import API_PREFIX
+from services.generation.base import (
+    GenerationCanceledError,
+    GenerationError,
+)
+from services.generation_queue import GenerationQueue, LiveGeneration
+from services.generation_records import (
+    GenerationNotFoundError,
+    GenerationRecord,
+    StoredGenerationFailedError,
+)
+from services.idempotency import IdempotencyStore
+
+SYNC_SCOPE = "generate_character_reference"
+ASYNC_SCOPE = "character_reference_jobs"
+REPLAY_POLL_SECONDS = 0.5
+
+
+class GenerationFinishedError(GenerationError):
+    """The generation already succeeded or failed; there is nothing left to cancel."""
+
+
+class WebhooksDisabledError(GenerationError):
+    """A webhook was asked for, but the server has no WEBHOOK_SECRET to sign it with."""
+
+
+class GenerationService:
+    """Submits generations to the queue and presents their records to clients."""
+
+    def __init__(
+        self,
+        queue: GenerationQueue,
+        assets: AssetPersistenceService,
+        idempotency: IdempotencyStore,
+        *,
+        public_base_url: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.assets = assets
+        self.idempotency = idempotency
+        self._status_base = (public_base_url or "") + API_PREFIX + "/character_reference_jobs/"
+
+    def status_url(self, generation_id: str) -> str:
+        """Where the generation's status is polled."""
+        return self._status_base + generation_id
+
+    # --------------------------------------------------------------- submit
+
+    async def _submit_once(
+        self,
+        scope: str,
+        idempotency_key: str | None,
+        body: GenerateCharacterReferenceRequest,
+        webhook_url: str | None,
+        fingerprinted: object,
+    ) -> str:
+        """Queue the generation, or find the one an earlier request with this key queued."""
+        if idempotency_key is None:
+            return (await self.queue.submit(body, webhook_url=webhook_url)).generation_id
+        async with self.idempotency.reserve(scope, idempotency_key, fingerprinted) as slot:
+            if slot.existing is not None:
+                return slot.existing
+            entry = await self.queue.submit(body, webhook_url=webhook_url)
+            slot.record(entry.generation_id)
+            return entry.generation_id
+
+    async def generate_now(
+        self, body: GenerateCharacterReferenceRequest, idempotency_key: str | None = None
+    ) -> GenerateCharacterReferenceResponse:
+        """Queue the generation and wait for its reply (the sync route)."""
+        generation_id = await self._submit_once(
+            SYNC_SCOPE, idempotency_key, body, None, body.model_dump(mode="json")
+        )
+        return await self.result(generation_id)
+
+    async def submit(
+        self,
+        body: AsyncGenerateCharacterReferenceRequest,
+        idempotency_key: str | None = None,
+        *,
+        webhooks_enabled: bool,
+    ) -> GenerationStatus:
+        """Queue the generation and return its status at once (the async route)."""
+        if body.webhook_url is not None and not webhooks_enabled:
+            raise WebhooksDisabledError(
+                "webhooks are disabled on this server: set WEBHOOK_SECRET to enable them"
+            )
+        generation_id = await self._submit_once(
+            ASYNC_SCOPE,
+            idempotency_key,
+            body.generation_request(),
+            body.webhook_url,
+            body.model_dump(mode="json"),
+        )
+        return await self.status(generation_id)
+
+    # ---------------------------------------------------------------- read
+
+    async def _record(self, generation_id: str) -> GenerationRecord:
+        record = await self.queue.record(generation_id)
+        if record is None:
+            raise GenerationNotFoundError(f"generation {generation_id} not found")
+        return record
+
+    async def status(self, generation_id: str) -> GenerationStatus:
+        """The generation's state, queue position, progress, and reply or error."""
+        return await self.present(await self._record(generation_id))
+
+    async def present(self, record: GenerationRecord) -> GenerationStatus:
+        """A record as clients see it, with a complete reply once it succeeded."""
+        result = None
+        if record.result is not None:
+            result = await self.full_reply(record.result, record.request.include_base64)
+        return GenerationStatus(
+            generation_id=record.generation_id,
+            status=record.status,
+            status_url=self.status_url(record.generation_id),
+            queue_position=self.queue.position(record.generation_id),
+            progress=record.progress,
+            created_at=record.created_at,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            result=result,
+            error=record.error,
+        )
+
+    async def full_reply(
+        self, stored: GenerateCharacterReferenceResponse, include_base64: bool
+    ) -> GenerateCharacterReferenceResponse:
+        """A stored reply with fresh URLs, and the base64 data read back when it was asked for."""
+        images = await asyncio.gather(
+            *(self._refresh(image, include_base64) for image in stored.images)
+        )
+        return stored.model_copy(update={"images": list(images)})
+
+    async def _refresh(
+        self, image: CharacterReferenceImage, include_base64: bool
+    ) -> CharacterReferenceImage:
+        def read() -> tuple[str, str | None, str | None]:
+            url = self.assets.url_for_key(image.path)
+            cloud_url = url if self.assets.is_presigned(image.path) else None
+            data = self.assets.storage.get_bytes(image.path) if include_base64 else None
+            encoded = base64.b64encode(data).decode("ascii") if data is not None else None
+            return url, cloud_url, encoded
+
+        url, cloud_url, encoded = await asyncio.to_thread(read)
+        return image.model_copy(update={"url": url, "cloud_url": cloud_url, "base64": encoded})
+
+    async def result(self, generation_id: str) -> GenerateCharacterReferenceResponse:
+        """The sync route's reply of a generation, waiting for it to finish; raises its error."""
+        while True:
+            entry: LiveGeneration | None = self.queue.live(generation_id)
+            if entry is not None:
+                # Shielded: a client that goes away must not cancel the generation itself.
+                return await asyncio.shield(entry.done)
+            record = await self._record(generation_id)
+            if record.status == "succeeded":
+                assert record.result is not None
+                return await self.full_reply(record.result, record.request.include_base64)
+            if record.status == "failed":
+                assert record.error is not None
+                raise StoredGenerationFailedError(record.error)
+            if record.status == "canceled":
+                raise GenerationCanceledError("the generation was canceled")
+            await asyncio.sleep(REPLAY_POLL_SECONDS)  # running on another replica
+
+    # -------------------------------------------------------------- cancel
+
+    async def cancel(self, generation_id: str) -> GenerationStatus:
+        """Cancel a queued or running generation; a finished one is returned as it is."""
+        record = await self._record(generation_id)
+        if record.status in ("succeeded", "failed"):
+            raise GenerationFinishedError(
+                f"generation {generation_id} already {record.status}; nothing to cancel"
+            )
+        record = await self.queue.cancel(generation_id) or record
+        return await self.present(record)

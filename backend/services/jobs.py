@@ -1,0 +1,173 @@
+"""Video jobs through the API: records in storage, their manifest's assets with URLs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from mv.jobs import CreateJobRequest, Job, JobAsset, JobRecord, new_job_id
+from services.asset_persistence import (
+    CHARACTER_REFERENCES_CATEGORY,
+    AssetPersistenceService,
+    JobNotFoundError,
+)
+from services.asset_records import JobManifest, utc_now
+from services.idempotency import IdempotencyStore
+from services.storage.errors import ObjectNotFoundError, StorageError
+from services.storage.keys import (
+    IMAGE_CONTENT_TYPES,
+    JOB_CHARACTER_REFERENCE_DIR,
+    job_asset_key,
+    job_manifest_key,
+    parse_image_id,
+    parse_job_id,
+)
+
+JOB_RECORDS_PREFIX = "job_records"
+CREATE_SCOPE = "jobs"
+
+
+class JobExistsError(StorageError):
+    """A job with this id already exists."""
+
+
+def job_record_key(job_id: str) -> str:
+    """Key of a job's record (apart from its assets, which a worker's directory mirrors)."""
+    return f"{JOB_RECORDS_PREFIX}/{parse_job_id(job_id)}.json"
+
+
+class JobService:
+    """Creates jobs, attaches character references, and lists a job's assets with URLs."""
+
+    def __init__(self, assets: AssetPersistenceService, idempotency: IdempotencyStore) -> None:
+        self.assets = assets
+        self.storage = assets.storage
+        self.idempotency = idempotency
+        self._creating = asyncio.Lock()
+
+    async def create(self, body: CreateJobRequest, idempotency_key: str | None = None) -> Job:
+        """Store a new job record; JobExistsError when the id is taken (409)."""
+        if idempotency_key is None:
+            return await self.get(await self._create(body))
+        fingerprinted = body.model_dump(mode="json")
+        async with self.idempotency.reserve(CREATE_SCOPE, idempotency_key, fingerprinted) as slot:
+            job_id = slot.existing or await self._create(body)
+            slot.record(job_id)
+        return await self.get(job_id)
+
+    async def _create(self, body: CreateJobRequest) -> str:
+        job_id = body.job_id or new_job_id()
+        record = JobRecord(job_id=job_id, created_at=utc_now(), metadata=body.metadata)
+        async with self._creating:  # check-then-write, one at a time in this process
+            if await asyncio.to_thread(self._job_exists, job_id):
+                raise JobExistsError(f"job {job_id} already exists")
+            await asyncio.to_thread(
+                self.storage.put_bytes,
+                job_record_key(job_id),
+                record.model_dump_json(indent=2).encode(),
+                "application/json",
+            )
+        return job_id
+
+    def _job_exists(self, job_id: str) -> bool:
+        return self.storage.exists(job_record_key(job_id)) or self.storage.exists(
+            job_manifest_key(job_id)
+        )
+
+    def _read_record(self, job_id: str) -> JobRecord | None:
+        try:
+            return JobRecord.model_validate_json(self.storage.get_bytes(job_record_key(job_id)))
+        except ObjectNotFoundError:
+            return None
+
+    async def get(self, job_id: str) -> Job:
+        """The job with every asset of its manifest; JobNotFoundError when neither exists.
+
+        A job a worker persisted without creating it through the API has no record: it is
+        shown from its manifest alone.
+        """
+        job_id = parse_job_id(job_id)
+        record, manifest = await asyncio.gather(
+            asyncio.to_thread(self._read_record, job_id), self._manifest_or_none(job_id)
+        )
+        if record is None and manifest is None:
+            raise JobNotFoundError(job_id)
+        assets = await asyncio.to_thread(self._assets_with_urls, job_id, manifest)
+        manifest_url = None
+        if manifest is not None:
+            manifest_url = await asyncio.to_thread(
+                self.assets.url_for_key, job_manifest_key(job_id)
+            )
+        return Job(
+            job_id=job_id,
+            created_at=record.created_at if record else manifest.created_at if manifest else None,
+            metadata=record.metadata if record else {},
+            character_references=[a for a in assets if a.image_id is not None],
+            assets=assets,
+            manifest_url=manifest_url,
+        )
+
+    async def _manifest_or_none(self, job_id: str) -> JobManifest | None:
+        try:
+            return await self.assets.get_job_manifest(job_id)
+        except JobNotFoundError:
+            return None
+
+    def _assets_with_urls(self, job_id: str, manifest: JobManifest | None) -> list[JobAsset]:
+        if manifest is None:
+            return []
+        assets = []
+        for entry in manifest.files:
+            image_id = None
+            if entry.category == CHARACTER_REFERENCES_CATEGORY:
+                image_id = _image_id_of(entry.path)
+            assets.append(
+                JobAsset(
+                    **entry.model_dump(),
+                    url=self.assets.url_for_key(job_asset_key(job_id, entry.path)),
+                    image_id=image_id,
+                )
+            )
+        return assets
+
+    async def attach(self, job_id: str, image_ids: Sequence[str]) -> Job:
+        """Attach stored character references to an existing job (idempotent)."""
+        job_id = parse_job_id(job_id)
+        if not await asyncio.to_thread(self._job_exists, job_id):
+            raise JobNotFoundError(job_id)
+        await self.assets.attach_character_references(job_id, image_ids)
+        return await self.get(job_id)
+
+    async def character_reference_key(self, job_id: str, image_id: str) -> tuple[str, str | None]:
+        """Key and sha256 of a character reference attached to a job; raises if it is not."""
+        job_id, image_id = parse_job_id(job_id), parse_image_id(image_id)
+        manifest = await self._manifest_or_none(job_id)
+        for entry in manifest.files if manifest else []:
+            if _image_id_of(entry.path) == image_id:
+                return job_asset_key(job_id, entry.path), entry.sha256
+        for extension in IMAGE_CONTENT_TYPES:  # stored under the job, not (yet) in its manifest
+            key = job_asset_key(job_id, f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{extension}")
+            if await asyncio.to_thread(self.storage.exists, key):
+                return key, None
+        raise ObjectNotFoundError(
+            image_id, f"character reference {image_id} is not attached to job {job_id}"
+        )
+
+    async def asset_key(self, job_id: str, path: str) -> tuple[str, str | None]:
+        """Key and (when the manifest lists it) sha256 of a file of the job."""
+        key = job_asset_key(job_id, path)
+        manifest = await self._manifest_or_none(parse_job_id(job_id))
+        for entry in manifest.files if manifest else []:
+            if entry.path == path:
+                return key, entry.sha256
+        return key, None
+
+
+def _image_id_of(relative_path: str) -> str | None:
+    head, _, name = relative_path.partition("/")
+    if head != JOB_CHARACTER_REFERENCE_DIR or "/" in name:
+        return None
+    try:
+        return parse_image_id(name.rpartition(".")[0])
+    except ValueError:
+        return None

@@ -322,7 +322,7 @@ class GenerationQueue:
         entry = self._live.get(generation_id)
         if entry is None:
             return await self.records.load(generation_id)
-        if entry.task is not None:
+        if entry.record.status == "running":
             entry.record.progress = _progress_info(entry.progress)
         return entry.record.model_copy(deep=True)
 

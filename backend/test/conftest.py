@@ -247,6 +247,7 @@ class BlockingGenerator:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.started = threading.Event()
+        self.calls = 0
 
     def start(self) -> None:
         """Nothing to prepare."""
@@ -265,6 +266,7 @@ class BlockingGenerator:
         """Report a step every 20 ms until `release` is set (or it is canceled), then return
         small images."""
         progress = progress or GenerationProgress()
+        self.calls += 1
         self.started.set()
         step = 0
         while not self.release.is_set():

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ApiHarness, BlockingGenerator
 from receivers import webhook_receiver
-from services.generation_queue import LiveGeneration
+from services.generation.local_diffusers import load_pipeline
 from services.generation_records import GenerationRecord, active_prefix, generation_key
 from services.webhooks import verify_webhook
 
@@ -201,18 +201,53 @@ def test_cancel_a_running_generation_stops_it_at_its_next_step(
     assert wait_until(api, waiting["status_url"], finished)["status"] == "succeeded"
 
 
-def test_cancel_stops_the_local_pipeline_between_steps(make_api: Callable[..., ApiHarness]) -> None:
-    api = make_api(image_generator="local")
-    queue = api.client.app.state.generation_queue
+def slow_steps(pipeline: Any, seconds: float, steps_run: list[int]) -> Any:
+    """The real pipeline, with each denoising step taking at least `seconds` (so that a test
+    can act between steps on a fast CPU); every step is counted in `steps_run`.
+
+    Its class keeps its name, so the generator still recognises the model family.
+    """
+    base = type(pipeline)
+
+    class SlowSteps(base):  # type: ignore[misc, valid-type]
+        def __call__(self, **arguments: Any) -> Any:
+            on_step_end = arguments["callback_on_step_end"]
+
+            def slow(pipe: Any, step: int, timestep: Any, tensors: Any) -> Any:
+                steps_run.append(step)
+                time.sleep(seconds)
+                return on_step_end(pipe, step, timestep, tensors)
+
+            return super().__call__(**{**arguments, "callback_on_step_end": slow})
+
+    SlowSteps.__name__ = base.__name__
+    pipeline.__class__ = SlowSteps
+    return pipeline
+
+
+def test_cancel_stops_the_local_pipeline_at_its_next_step(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    steps_run: list[int] = []
+    api = make_api(
+        image_generator="local",
+        local_loader=lambda model, device: slow_steps(load_pipeline(model, device), 0.3, steps_run),
+    )
     status = submit(api, {**BODY, "num_images": 1})
-    entry: LiveGeneration | None = queue.live(status["generation_id"])
-    if entry is not None:  # cancel as soon as the first step is reported
-        entry.progress.cancel()
-    done = wait_until(api, status["status_url"], finished)
-    if entry is not None:
-        assert done["status"] == "canceled"
-        assert done["progress"] is None or done["progress"]["step"] <= 1
-        assert done["result"] is None
+    wait_until(
+        api,
+        status["status_url"],
+        lambda s: s["status"] == "running" and s["progress"]["step"] >= 1,
+    )
+    canceled = api.client.delete(status["status_url"]).json()
+    assert canceled["status"] == "canceled"
+    assert canceled["result"] is None
+    # The worker thread is free once the pipeline stops; the next request runs all 4 steps.
+    after = api.client.post(GENERATE, json={**BODY, "num_images": 1})
+    assert after.status_code == 200
+    canceled_steps = len(steps_run) - 4
+    assert steps_run[canceled_steps:] == [0, 1, 2, 3]
+    assert 1 <= canceled_steps < 4, steps_run
 
 
 def test_a_sync_request_whose_generation_is_canceled_gets_409(

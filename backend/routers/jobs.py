@@ -58,9 +58,8 @@ async def attach_character_references(
     return await jobs.attach(job_id, body.image_ids)
 
 
-@router.api_route(
-    "/{job_id}/character_references/{image_id}", methods=["GET", "HEAD"], responses=_NOT_FOUND
-)
+@router.get("/{job_id}/character_references/{image_id}", responses=_NOT_FOUND)
+@router.head("/{job_id}/character_references/{image_id}", include_in_schema=False)
 async def get_job_character_reference(
     job_id: JobId,
     image_id: ImageId,
@@ -88,7 +87,8 @@ class CloudAssetLocation(BaseModel):
     content_type: str
 
 
-@router.api_route("/{job_id}/assets/{path:path}", methods=["GET", "HEAD"], responses=_NOT_FOUND)
+@router.get("/{job_id}/assets/{path:path}", responses=_NOT_FOUND)
+@router.head("/{job_id}/assets/{path:path}", include_in_schema=False)
 async def get_job_asset(
     job_id: JobId,
     path: str,

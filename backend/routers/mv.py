@@ -77,7 +77,8 @@ async def generate_character_reference(
     return await generations.generate_now(body, idempotency_key)
 
 
-@router.api_route("/get_character_reference/{image_id}", methods=["GET", "HEAD"], responses=_ERRORS)
+@router.get("/get_character_reference/{image_id}", responses=_ERRORS)
+@router.head("/get_character_reference/{image_id}", include_in_schema=False)
 async def get_character_reference(
     image_id: ImageId,
     request: Request,

@@ -52,6 +52,7 @@ lint: $(VENV)/.dev-installed
 bench: $(VENV)/.dev-installed
 	cd backend && ../$(BIN)/python ../bench/run.py
 	cd backend && ../$(BIN)/python ../bench/generation.py
+	cd backend && ../$(BIN)/python ../bench/health_under_load.py
 
 # Real-size FLUX.1-schnell and SDXL-Turbo architectures with random weights; needs CUDA.
 bench-gpu: $(VENV)/.runtime-installed

@@ -161,6 +161,11 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("instance_name", mode="before")
+    @classmethod
+    def _blank_is_host_name(cls, value: object) -> object:
+        return _default_instance_name() if isinstance(value, str) and not value.strip() else value
+
     @field_validator("instance_name")
     @classmethod
     def _valid_instance_name(cls, value: str) -> str:

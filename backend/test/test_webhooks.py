@@ -1,0 +1,91 @@
+"""Webhook deliveries in isolation: signatures, which replies are retried, backoff bounds."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from services.backoff import backoff_delay
+from services.webhooks import WebhookSender, check_destination, signature, verify_webhook
+
+SECRET = "webhook-secret-0123456789"
+
+
+def sender(replies: list[int], seen: list[httpx.Request], **options: object) -> WebhookSender:
+    """A sender whose receiver answers with `replies` in turn (200 once they run out)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(replies.pop(0) if replies else 200)
+
+    return WebhookSender(
+        SECRET,
+        max_attempts=3,
+        backoff_base=0.001,
+        allow_private_networks=True,
+        transport=httpx.MockTransport(answer),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_refusal_is_not_retried_and_a_5xx_is_until_attempts_run_out() -> None:
+    seen: list[httpx.Request] = []
+    outcomes: list[str] = []
+    refused = sender([400], seen, on_outcome=outcomes.append)
+    assert await refused.deliver("https://hooks.example.com/a", "d-1", b"{}") is False
+    assert len(seen) == 1
+    seen.clear()
+    failing = sender([503, 502, 500], seen, on_outcome=outcomes.append)
+    assert await failing.deliver("https://hooks.example.com/a", "d-2", b"{}") is False
+    assert len(seen) == 3
+    assert {request.headers["Webhook-Id"] for request in seen} == {"d-2"}
+    assert outcomes == ["refused", "failed"]
+    await refused.aclose()
+    await failing.aclose()
+
+
+async def test_redirects_are_not_followed() -> None:
+    seen: list[httpx.Request] = []
+    redirected = sender([307], seen)
+    assert await redirected.deliver("https://hooks.example.com/a", "d-3", b"{}") is False
+    assert [str(request.url) for request in seen] == ["https://hooks.example.com/a"]
+    await redirected.aclose()
+
+
+def test_signatures_bind_id_timestamp_and_body() -> None:
+    body = b'{"ok":true}'
+    headers = {
+        "Webhook-Id": "d-4",
+        "Webhook-Timestamp": "1700000000",
+        "Webhook-Signature": signature(SECRET, "d-4", 1700000000, body),
+    }
+    assert verify_webhook(SECRET, headers, body, now=1700000100)
+    assert not verify_webhook(SECRET, headers, body, now=1700001000)  # too old: a replay
+    assert not verify_webhook(SECRET, {**headers, "Webhook-Id": "d-5"}, body, now=1700000000)
+    tampered = {**headers, "Webhook-Timestamp": "1700000001"}
+    assert not verify_webhook(SECRET, tampered, body, now=1700000000)
+    assert not verify_webhook(SECRET, {}, body)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/x",
+        "http://10.1.2.3/x",
+        "http://[::1]/x",
+        "http://169.254.169.254/latest/meta-data",
+    ],
+)
+async def test_private_destinations_are_refused(url: str) -> None:
+    with pytest.raises(Exception, match="non-public"):
+        await check_destination(url, allow_private_networks=False)
+    await check_destination(url, allow_private_networks=True)
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 5, 30, 200])
+def test_backoff_stays_within_its_bounds(attempt: int) -> None:
+    for _ in range(200):
+        delay = backoff_delay(attempt, base=0.5, cap=20.0)
+        assert 0 <= delay <= min(20.0, 0.5 * 2 ** (attempt - 1))
+    assert backoff_delay(attempt, base=0.5, cap=20.0, retry_after=7) >= 7
+    assert backoff_delay(attempt, base=0.5, cap=20.0, retry_after=10_000) <= 60

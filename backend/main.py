@@ -97,7 +97,11 @@ def create_app(
         app.state.generation_queue = queue
         app.state.character_references = character_references
         app.state.generations = GenerationService(
-            queue, assets, idempotency, public_base_url=settings.public_base_url
+            queue,
+            assets,
+            idempotency,
+            public_base_url=settings.public_base_url,
+            replay_timeout_seconds=settings.generation_timeout_seconds,
         )
         app.state.jobs = JobService(assets, idempotency)
         app.state.delivery = ImageDelivery(assets)

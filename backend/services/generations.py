@@ -16,6 +16,7 @@ from services.asset_urls import API_PREFIX
 from services.generation.base import (
     GenerationCanceledError,
     GenerationError,
+    GenerationTimeoutError,
 )
 from services.generation_queue import GenerationQueue, LiveGeneration
 from services.generation_records import (
@@ -48,8 +49,10 @@ class GenerationService:
         idempotency: IdempotencyStore,
         *,
         public_base_url: str | None = None,
+        replay_timeout_seconds: float = 300.0,
     ) -> None:
         self.queue = queue
+        self.replay_timeout_seconds = replay_timeout_seconds
         self.assets = assets
         self.idempotency = idempotency
         self._status_base = (public_base_url or "") + API_PREFIX + "/character_reference_jobs/"
@@ -161,7 +164,12 @@ class GenerationService:
         return image.model_copy(update={"url": url, "cloud_url": cloud_url, "base64": encoded})
 
     async def result(self, generation_id: str) -> GenerateCharacterReferenceResponse:
-        """The sync route's reply of a generation, waiting for it to finish; raises its error."""
+        """The sync route's reply of a generation, waiting for it to finish; raises its error.
+
+        A generation another replica runs is polled from its record, for at most
+        `replay_timeout_seconds` (that replica may have died without a restart).
+        """
+        deadline = asyncio.get_running_loop().time() + self.replay_timeout_seconds
         while True:
             entry: LiveGeneration | None = self.queue.live(generation_id)
             if entry is not None:
@@ -176,6 +184,10 @@ class GenerationService:
                 raise StoredGenerationFailedError(record.error)
             if record.status == "canceled":
                 raise GenerationCanceledError("the generation was canceled")
+            if asyncio.get_running_loop().time() > deadline:
+                raise GenerationTimeoutError(
+                    f"generation {generation_id} is still {record.status} on another replica"
+                )
             await asyncio.sleep(REPLAY_POLL_SECONDS)  # running on another replica
 
     # -------------------------------------------------------------- cancel

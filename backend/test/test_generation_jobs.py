@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ApiHarness, BlockingGenerator
 from receivers import webhook_receiver
+from services.generation.base import GenerationTimeoutError
 from services.generation.local_diffusers import load_pipeline
 from services.generation_records import GenerationRecord, active_prefix, generation_key
 from services.webhooks import verify_webhook
@@ -433,3 +434,23 @@ def test_records_left_running_by_a_crash_are_failed_at_start_up(
     assert status["status"] == "failed"
     assert status["error"]["error"] == "Interrupted"
     assert storage.list_keys(active_prefix(record.instance)) == []
+
+
+def test_a_replay_gives_up_on_a_generation_another_replica_left_running(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api(generation_timeout_seconds=0.5)
+    storage = api.client.app.state.assets.storage
+    record = GenerationRecord(
+        generation_id=str(uuid.uuid4()),
+        status="running",
+        request={"character_description": "elsewhere"},
+        instance="another-replica",
+    )
+    storage.put_bytes(
+        generation_key(record.generation_id), record.model_dump_json().encode(), "application/json"
+    )
+    service = api.client.app.state.generations
+    assert api.client.portal is not None
+    with pytest.raises(GenerationTimeoutError, match="still running on another replica"):
+        api.client.portal.call(service.result, record.generation_id)

@@ -61,17 +61,21 @@ def create_app(
     storage_backend: StorageBackend | None = None,
     generation_policy: GenerationPolicy | None = None,
     webhook_transport: httpx.AsyncBaseTransport | None = None,
+    configure_logs: bool = False,
 ) -> FastAPI:
     """Build the application; services are created once, when it starts.
 
     `storage_backend` and `generation_policy` replace the ones settings would build (tests,
-    embedding); the app then leaves closing them to the caller.
+    embedding); the app then leaves closing them to the caller. With `configure_logs`, the
+    process's logging is set up (LOG_FORMAT, LOG_LEVEL) when the app starts, not on import.
     """
     settings = settings or get_settings()
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if configure_logs:
+            configure_logging(settings.log_format, settings.log_level)
         storage = storage_backend or get_storage_backend(settings, observe=metrics.observe_storage)
         assets = AssetPersistenceService(storage, settings=settings)
         policy = generation_policy or build_generation_policy(settings)
@@ -174,9 +178,7 @@ def _webhook_sender(
 
 def _app_from_environment() -> FastAPI:
     try:
-        settings = get_settings()
-        configure_logging(settings.log_format, settings.log_level)
-        return create_app(settings)
+        return create_app(configure_logs=True)
     except SettingsError as error:
         # A clear one-line reason beats a traceback when the server refuses to start.
         print(f"error: {error}", file=sys.stderr)

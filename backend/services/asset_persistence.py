@@ -362,6 +362,7 @@ class AssetPersistenceService:
         found = [self._find_character_reference(image_id) for image_id in image_ids]
         manifest = self._read_manifest_or_empty(job_id)
         listed = {entry.path: entry for entry in manifest.files}
+        changed = False
         for image_id, (key, sha256) in zip(image_ids, found, strict=True):
             extension = key.rpartition(".")[2]
             relative = f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{extension}"
@@ -380,6 +381,9 @@ class AssetPersistenceService:
                 sha256=digest,
                 content_type=content_type,
             )
+            changed = True
+        if not changed:
+            return manifest
         updated = manifest.model_copy(
             update={"files": sorted(listed.values(), key=lambda entry: entry.path)}
         )

@@ -215,12 +215,10 @@ class GenerationQueue:
             job_id=record.request.job_id,
         )
         record.status, record.started_at = "running", utc_now()
-        await self._save_quietly(record)
-        if entry.progress.canceled:  # canceled while its record was being saved
-            await self._finish(entry, "canceled")
-            return
         started = time.perf_counter()
+        # A cancel that came first is honoured at the generator's first step.
         entry.task = asyncio.create_task(self._run_generation(record.request, entry.progress))
+        await self._save_quietly(record)  # while the generation already runs
         await asyncio.wait({entry.task})
         elapsed = time.perf_counter() - started
         task = entry.task
@@ -260,9 +258,8 @@ class GenerationQueue:
             record.result = strip_base64(response)
         self._waiting.pop(entry.generation_id, None)
         self.metrics.generations.labels(status).inc()
-        # Saved before it leaves the live table, so that a reader always finds it somewhere.
-        await self._save_quietly(record)
-        self._live.pop(entry.generation_id, None)
+        # Waiters (the sync route) get the outcome now; the record is saved meanwhile, and
+        # the entry stays live until it is, so that a reader always finds it somewhere.
         if not entry.done.done():
             if response is not None:
                 entry.done.set_result(response)
@@ -272,6 +269,8 @@ class GenerationQueue:
                 )
             else:
                 entry.done.set_exception(GenerationCanceledError("the generation was canceled"))
+        await self._save_quietly(record)
+        self._live.pop(entry.generation_id, None)
         if record.webhook_url and self.webhooks is not None:
             self.webhooks.send(record.webhook_url, f"generation.{status}", public_view(record))
 
@@ -374,5 +373,5 @@ def strip_base64(
 
 
 def public_view(record: GenerationRecord) -> dict[str, object]:
-    """What clients see of a record (webhook payloads, status replies): no owner details."""
+    """A record as webhook payloads carry it: no request, owner or webhook URL."""
     return record.model_dump(mode="json", exclude={"instance", "webhook_url", "request"})

@@ -86,16 +86,26 @@ class GenerationRecordStore:
         self.instance = instance
 
     async def save(self, record: GenerationRecord) -> None:
-        """Write the record, and add or remove this instance's marker for it."""
+        """Write the record, and add or remove this instance's marker for it.
+
+        A new record and its marker are written together (a marker without its record is
+        cleaned up by the sweep); a finished record is written before its marker goes, so
+        that a crash in between never leaves an unfinished record without a marker.
+        """
         data = record.model_dump_json(indent=2).encode()
-        await asyncio.to_thread(
+        write = asyncio.to_thread(
             self.storage.put_bytes, generation_key(record.generation_id), data, "application/json"
         )
         marker = active_prefix(record.instance) + record.generation_id
+        if record.status == "queued":
+            await asyncio.gather(
+                write,
+                asyncio.to_thread(self.storage.put_bytes, marker, b"", "application/octet-stream"),
+            )
+            return
+        await write
         if record.finished:
             await asyncio.to_thread(self.storage.delete, marker)
-        elif record.status == "queued":
-            await asyncio.to_thread(self.storage.put_bytes, marker, b"", "application/octet-stream")
 
     async def load(self, generation_id: str) -> GenerationRecord | None:
         """The stored record, or None."""

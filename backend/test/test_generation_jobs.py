@@ -93,9 +93,12 @@ def test_async_generation_succeeds_with_exactly_the_sync_reply(
     if mode == "s3":
         assert api.s3 is not None
         key = generation_key(status["generation_id"])
-        stored = json.loads(
-            api.s3.get_object(Bucket=api.settings.storage_bucket, Key=key)["Body"].read()
-        )
+        for _ in range(100):  # the final record is saved just after the waiters are told
+            raw = api.s3.get_object(Bucket=api.settings.storage_bucket, Key=key)["Body"].read()
+            if json.loads(raw)["status"] == "succeeded":
+                break
+            time.sleep(0.02)
+        stored = json.loads(raw)
         assert stored["status"] == "succeeded"
         assert stored["result"]["images"][0]["base64"] is None  # the images are stored apart
 

@@ -221,3 +221,18 @@ def test_cli_reports_a_missing_job_in_one_line(
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "no-such-job" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_attaching_again_rewrites_nothing(make_api: Callable[..., ApiHarness]) -> None:
+    api = make_api()
+    api.client.post(JOBS, json={"job_id": "j6"})
+    image = upload(api)
+    attach = {"image_ids": [image["id"]]}
+    api.client.post(f"{JOBS}/j6/character_references", json=attach)
+    job_dir = api.settings.output_dir / "jobs" / "j6"
+    before = {path: path.stat().st_mtime_ns for path in job_dir.rglob("*") if path.is_file()}
+    again = api.client.post(f"{JOBS}/j6/character_references", json=attach)
+    assert again.status_code == 200
+    after = {path: path.stat().st_mtime_ns for path in job_dir.rglob("*") if path.is_file()}
+    assert after == before
+    assert len(before) == 2  # the image and the manifest

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI, Security
@@ -29,6 +30,7 @@ from services.image_delivery import ImageDelivery
 from services.image_generation import build_generation_policy
 from services.jobs import JobService
 from services.metrics import Metrics
+from services.storage.atomic import remove_abandoned_temp_files
 from services.storage_backend import StorageBackend, get_storage_backend
 from services.webhooks import WebhookSender
 from version import __version__
@@ -53,6 +55,17 @@ async def retry_pending_uploads_forever(service: AssetPersistenceService, interv
         except Exception:  # the loop must outlive any single failure
             logger.exception("retrying pending uploads failed")
         await asyncio.sleep(interval)
+
+
+async def remove_abandoned_writes(root: Path) -> None:
+    """Delete the temp files a killed process left in the local tier (in the background)."""
+    try:
+        removed = await asyncio.to_thread(remove_abandoned_temp_files, root)
+    except OSError:
+        logger.exception("removing abandoned temp files under %s failed", root)
+        return
+    if removed:
+        logger.warning("removed %d temp file(s) left by interrupted writes", len(removed))
 
 
 def create_app(
@@ -112,12 +125,14 @@ def create_app(
         retrier = asyncio.create_task(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)
         )
+        sweeper = asyncio.create_task(remove_abandoned_writes(settings.output_dir))
         try:
             yield
         finally:
-            retrier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retrier
+            for task in (retrier, sweeper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await queue.aclose()
             if webhooks is not None:
                 await webhooks.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+from typing import Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -24,10 +25,12 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Whether the server can do its work, and what is missing when it cannot."""
+    """Whether the server can do its work, what is missing when it cannot, and what works but
+    is degraded."""
 
-    status: str
+    status: Literal["ready", "degraded", "not ready"]
     problems: list[str]
+    warnings: list[str] = []
 
 
 class VersionInfo(BaseModel):
@@ -47,7 +50,8 @@ async def health() -> Health:
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
 async def ready(policy: GenerationPolicyDep, assets: AssetsDep) -> JSONResponse:
     """Readiness probe: a generator can run (model loaded, or Replicate configured) and the
-    storage answers; 503 listing what is missing otherwise."""
+    storage answers; 503 listing what is missing otherwise. A server that works but keeps
+    running out of GPU memory answers 200 `degraded`, with warnings."""
     problems = await policy.readiness_problems()
     storage = assets.storage
     if isinstance(storage, ChecksHealth):
@@ -58,9 +62,12 @@ async def ready(policy: GenerationPolicyDep, assets: AssetsDep) -> JSONResponse:
             problems.append(f"storage: no answer within {STORAGE_CHECK_SECONDS:g} s")
         except Exception as error:
             problems.append(f"storage: {error}")
+    warnings = policy.readiness_warnings()
     if problems:
-        return JSONResponse(Readiness(status="not ready", problems=problems).model_dump(), 503)
-    return JSONResponse(Readiness(status="ready", problems=[]).model_dump())
+        readiness = Readiness(status="not ready", problems=problems, warnings=warnings)
+        return JSONResponse(readiness.model_dump(), 503)
+    status = "degraded" if warnings else "ready"
+    return JSONResponse(Readiness(status=status, problems=[], warnings=warnings).model_dump())
 
 
 @router.get("/version")

@@ -322,7 +322,8 @@ def make_api(
         if mode == "s3":
             endpoint = request.getfixturevalue("moto_endpoint")
             overrides.setdefault("storage_bucket", new_bucket_name())
-            overrides.update(storage_backend="s3", aws_endpoint_url=endpoint)
+            overrides["storage_backend"] = "s3"
+            overrides.setdefault("aws_endpoint_url", endpoint)  # a FaultyProxy in fault tests
             s3 = make_s3_client(region="us-east-1", endpoint_url=endpoint)
             with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
                 s3.create_bucket(Bucket=overrides["storage_bucket"])

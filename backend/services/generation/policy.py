@@ -15,9 +15,13 @@ from services.generation.base import (
     GeneratorFailedError,
     GeneratorUnavailableError,
     ImageGenerator,
+    OutOfMemoryError,
 )
 
 PolicyMode = Literal["auto", "local", "replicate"]
+
+# After this many out-of-memory failures in a row, readiness reports the generator as degraded.
+OUT_OF_MEMORY_WARNING_AFTER = 3
 
 _HOW_TO_ENABLE = {
     "local": "run on a machine with CUDA, or set LOCAL_DEVICE=cpu with a LOCAL_MODEL_ID "
@@ -50,6 +54,8 @@ class GenerationPolicy:
         self.mode = mode
         self.generators = generators
         self.timeout_seconds = timeout_seconds
+        # Consecutive out-of-memory failures per generator; a success resets the count.
+        self._out_of_memory: dict[GeneratorName, int] = {}
 
     def start(self) -> None:
         """Start every generator's preparation (the local model load) in the background."""
@@ -96,6 +102,16 @@ class GenerationPolicy:
             problems.append(f"{name}: {reason}")
         return problems
 
+    def readiness_warnings(self) -> list[str]:
+        """What works but needs an operator's eye: a generator that keeps running out of memory."""
+        warnings = []
+        for name, failures in self._out_of_memory.items():
+            if failures >= OUT_OF_MEMORY_WARNING_AFTER:
+                others = [other for other in self._order(None) if other != name]
+                then = f"requests fall back to {others[0]}" if others else "requests fail"
+                warnings.append(f"{name}: out of memory on the last {failures} generations; {then}")
+        return warnings
+
     async def generate(
         self,
         request: GenerationRequest,
@@ -138,9 +154,12 @@ class GenerationPolicy:
             try:
                 result = await generator.generate(request, progress)
             except GeneratorFailedError as error:
+                if isinstance(error, OutOfMemoryError):
+                    self._out_of_memory[name] = self._out_of_memory.get(name, 0) + 1
                 if is_last:
                     raise
                 reasons.append(f"{name}: {error}")
                 continue
+            self._out_of_memory.pop(name, None)
             return PolicyOutcome(result, "; ".join(reasons) or None)
         raise GeneratorUnavailableError("no image generator is available: " + "; ".join(reasons))

@@ -152,7 +152,14 @@ class ReplicateGenerator:
             progress.advance(done, request.num_images)
             return image
 
-        images = await asyncio.gather(*(counted(seed) for seed in request.seeds))
+        # A TaskGroup, not gather: when one image fails for good, its siblings are canceled
+        # instead of retrying on in the background after the request has failed.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(counted(seed)) for seed in request.seeds]
+        except ExceptionGroup as failures:
+            raise failures.exceptions[0] from None
+        images = [task.result() for task in tasks]
         parameters = {"model_inputs": replicate_inputs(self.model, request, request.seeds[0])}
         parameters["model_inputs"].pop("seed")
         return GenerationResult(tuple(images), self.model, "replicate", parameters)

@@ -30,6 +30,41 @@ def is_temp_file(path: Path) -> bool:
     return path.name.startswith(TEMP_PREFIX)
 
 
+def _writer_pid(path: Path) -> int | None:
+    # Temp names are ".tmp-{pid}-{random}": the pid tells whether the writer still runs.
+    pid, _, rest = path.name.removeprefix(TEMP_PREFIX).partition("-")
+    return int(pid) if pid.isdigit() and rest else None
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def remove_abandoned_temp_files(root: Path) -> list[Path]:
+    """Delete the temp files of writers that died mid-write (killed, power loss); return them.
+
+    A temp file whose writing process still runs is left alone, so this is safe while other
+    processes write under the same root.
+    """
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in root.rglob(f"{TEMP_PREFIX}*"):
+        pid = _writer_pid(path)
+        if pid is None or pid == os.getpid() or _is_running(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def _fsync_directory(directory: Path) -> None:
     # The rename is durable only once the directory entry is flushed too.
     fd = os.open(directory, os.O_RDONLY)
@@ -47,7 +82,7 @@ def atomic_writer(destination: Path) -> Iterator[BinaryIO]:
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below on every path
-        dir=destination.parent, prefix=TEMP_PREFIX, delete=False
+        dir=destination.parent, prefix=f"{TEMP_PREFIX}{os.getpid()}-", delete=False
     )
     temp_path = Path(handle.name)
     try:

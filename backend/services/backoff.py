@@ -28,7 +28,7 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not str.isdigit alone: it accepts "²"
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

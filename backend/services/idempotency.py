@@ -54,6 +54,11 @@ def check_key(key: str) -> str:
     return key
 
 
+def record_key(scope: str, key: str) -> str:
+    """The storage key of a key's record: a fixed-shape hash, whatever the client sent."""
+    return f"{IDEMPOTENCY_PREFIX}/{scope}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
 @dataclass
 class Reservation:
     """Inside `IdempotencyStore.reserve`: the earlier resource, or a slot to record a new one."""
@@ -74,10 +79,6 @@ class IdempotencyStore:
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
 
-    @staticmethod
-    def _key(scope: str, key: str) -> str:
-        return f"{IDEMPOTENCY_PREFIX}/{scope}/{hashlib.sha256(key.encode()).hexdigest()}.json"
-
     async def _load(self, storage_key: str) -> IdempotencyRecord | None:
         try:
             raw = await asyncio.to_thread(self.storage.get_bytes, storage_key)
@@ -94,7 +95,7 @@ class IdempotencyStore:
         one key in this process run one at a time, so a retry racing the first request sees
         what the first created.
         """
-        storage_key = self._key(scope, check_key(key))
+        storage_key = record_key(scope, check_key(key))
         digest = fingerprint(body)
         lock = self._locks.setdefault(storage_key, asyncio.Lock())
         self._lock_users[storage_key] = self._lock_users.get(storage_key, 0) + 1

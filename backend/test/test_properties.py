@@ -133,9 +133,7 @@ def test_idempotency_keys_accept_exactly_printable_ascii_up_to_255(key: str) -> 
     attempt=st.integers(min_value=1, max_value=10_000),
     base=st.floats(min_value=0.001, max_value=60, allow_nan=False),
     cap=st.floats(min_value=0.001, max_value=600, allow_nan=False),
-    retry_after=st.one_of(
-        st.none(), st.floats(min_value=-1e9, allow_nan=False)
-    ),
+    retry_after=st.one_of(st.none(), st.floats(min_value=-1e9, allow_nan=False)),
 )
 @settings(max_examples=500)
 def test_backoff_stays_within_its_bounds(

@@ -17,7 +17,7 @@ from config import Settings, SettingsError, get_settings
 from middleware import ApiKeyMiddleware, RequestContextMiddleware
 from observability import configure_logging
 from routers import debug, generations, jobs, mv, system
-from routers.deps import API_KEY_SCHEME, bind_path_ids
+from routers.deps import API_KEY_SCHEME, check_path_ids
 from routers.errors import classify_error, install_error_handlers
 from services.asset_persistence import AssetPersistenceService
 from services.character_references import CharacterReferenceService
@@ -150,14 +150,17 @@ def create_app(
     install_error_handlers(app)
     # Routes under /api get the API key scheme in the OpenAPI schema when keys are set
     # (ApiKeyMiddleware enforces it), and bind path ids to their log lines.
-    api_dependencies = [Depends(bind_path_ids)]
+    api_dependencies = [Depends(check_path_ids)]
+    api_responses: dict[int | str, dict[str, str]] = {}
     if settings.api_key_values:
         api_dependencies.append(Security(API_KEY_SCHEME))
+        api_responses[401] = {"description": "X-API-Key is missing or not a valid key"}
     app.include_router(system.router)
-    for router in (mv.router, generations.router, jobs.router):
-        app.include_router(router, dependencies=api_dependencies)
+    api_routers = [mv.router, generations.router, jobs.router]
     if settings.debug_endpoints:
-        app.include_router(debug.router, dependencies=api_dependencies)
+        api_routers.append(debug.router)
+    for router in api_routers:
+        app.include_router(router, dependencies=api_dependencies, responses=api_responses)
     # Added innermost first: the request context wraps CORS, which wraps the key check.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_values)
     origins = settings.cors_origin_list

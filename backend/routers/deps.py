@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
 
 from config import Settings
@@ -17,14 +19,38 @@ from services.generations import GenerationService
 from services.image_delivery import ImageDelivery
 from services.jobs import JobService
 from services.metrics import Metrics
+from services.storage.errors import InvalidKeyError
+from services.storage.keys import parse_image_id, parse_job_id, validate_key
 
 # Documents the X-API-Key header in the OpenAPI schema; ApiKeyMiddleware enforces it.
 API_KEY_SCHEME = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-async def bind_path_ids(request: Request) -> None:
-    """Put the request's job and generation ids on its log lines."""
+# How each path id is checked: a bad one is a 422 naming it, before any handler runs.
+# (generation_id is typed as a UUID in its routes, so FastAPI checks it.)
+_PATH_ID_PARSERS: dict[str, Callable[[str], object]] = {
+    "job_id": parse_job_id,
+    "image_id": parse_image_id,
+    "path": validate_key,
+}
+
+
+async def check_path_ids(request: Request) -> None:
+    """Refuse malformed ids in the path (422 naming the parameter), then put the job and
+    generation ids on the request's log lines."""
     params = request.path_params
+    errors = []
+    for name, parse in _PATH_ID_PARSERS.items():
+        if name not in params:
+            continue
+        try:
+            parse(params[name])
+        except InvalidKeyError as error:
+            errors.append(
+                {"type": "value_error", "loc": ("path", name), "msg": str(error), "input": None}
+            )
+    if errors:
+        raise RequestValidationError(errors)
     bind(job_id=params.get("job_id"), generation_id=params.get("generation_id"))
 
 

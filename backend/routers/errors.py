@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mv.generation_jobs import GenerationFailure
 from services.generation.base import (
@@ -96,6 +98,17 @@ async def _field_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI and Starlette answer 400 for a body they cannot decode (JSON that is not
+        # UTF-8, a broken multipart form); like any other malformed body, that is a 422
+        # naming the body. The backend itself never raises 400.
+        detail = [{"type": "body_invalid", "loc": ["body"], "msg": str(exc.detail)}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return error_response(500, "InternalError", "internal error; see the server log")
@@ -108,4 +121,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StoredGenerationFailedError, _service_error)
     for kind, _, _ in _STATUS:
         app.add_exception_handler(kind, _service_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -110,6 +110,7 @@ def cloud_location(cloud: CloudImage) -> CloudImageLocation:
     responses={
         413: {"description": "the file is larger than 10 MB"},
         415: {"description": "not a PNG, JPEG or WebP image"},
+        422: {"description": "no file in the multipart field `file`, or a bad description"},
     },
 )
 async def upload_character_reference(

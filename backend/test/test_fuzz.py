@@ -1,0 +1,165 @@
+"""Schema fuzzing: schemathesis drives every operation of the app's own OpenAPI schema, in
+local and S3 mode, with API keys on, over real HTTP to a uvicorn server on 127.0.0.1.
+
+Every reply must be a non-5xx that matches the schema: a documented status, content type,
+headers and body. Data the schema calls invalid must be refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from test_faults import wait_until
+
+from config import REPO_ROOT, Settings, load_settings
+from conftest import image_bytes, new_bucket_name
+from live_server import serve
+from main import create_app
+from services.storage.s3 import make_s3_client
+
+API_KEY = "fuzz-key-0123456789abcdef"
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+EXAMPLES_PER_OPERATION = 25
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def fuzz_target(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_sdxl_turbo: Path,
+) -> Iterator[dict[str, Any]]:
+    """A live server with API keys on, a stored image and a job, in one storage mode."""
+    with pytest.MonkeyPatch.context() as env:
+        # Module-scoped, so set up before the per-test isolation: moto's test credentials only.
+        env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws")
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws")
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.setenv(name, "testing")
+        yield from _live_target(request, tmp_path_factory, tiny_sdxl_turbo)
+
+
+def _live_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model: Path
+) -> Iterator[dict[str, Any]]:
+    overrides: dict[str, Any] = {
+        "output_dir": tmp_path_factory.mktemp("fuzz") / "outputs",
+        "local_model_id": str(model),
+        "local_device": "cpu",
+        "api_keys": API_KEY,
+        "max_queued_generations": 64,
+    }
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("moto_endpoint")
+        bucket = new_bucket_name()
+        make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        overrides.update(storage_backend="s3", storage_bucket=bucket, aws_endpoint_url=endpoint)
+    settings_: Settings = load_settings(_env_file=REPO_ROOT / ".env.test", **overrides)
+    app = create_app(settings_)
+    with serve(app) as base_url:
+        headers = {"X-API-Key": API_KEY}
+        with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
+            wait_until(lambda: client.get("/ready").status_code == 200, timeout=60)
+            upload = client.post(
+                "/api/mv/upload_character_reference", files={"file": ("a.png", image_bytes())}
+            )
+            assert upload.status_code == 201
+            assert client.post("/api/mv/jobs", json={"job_id": "fuzz-job"}).status_code == 201
+            image_id = upload.json()["id"]
+            attach = client.post(
+                "/api/mv/jobs/fuzz-job/character_references", json={"image_ids": [image_id]}
+            )
+            assert attach.status_code == 200
+            served = client.get("/openapi.json").json()
+        yield {"mode": request.param, "base_url": base_url, "openapi": served}
+
+
+def _served_schema() -> Any:
+    """The schema the app serves with API keys on (the same in every storage mode)."""
+    settings_ = load_settings(_env_file=REPO_ROOT / ".env.test", api_keys=API_KEY)
+    return schemathesis.openapi.from_dict(create_app(settings_).openapi())
+
+
+schema = _served_schema()
+
+
+@schema.parametrize()
+@settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_every_operation_answers_within_its_schema(case: Any, fuzz_target: dict[str, Any]) -> None:
+    case.call_and_validate(
+        base_url=fuzz_target["base_url"],
+        headers={"X-API-Key": API_KEY},
+        checks=CHECKS,
+        timeout=60,
+    )
+
+
+def test_no_operation_under_api_answers_without_the_key(fuzz_target: dict[str, Any]) -> None:
+    assert fuzz_target["openapi"] == schema.raw_schema  # what was fuzzed is what is served
+    operations = [
+        (method.upper(), path)
+        for path, item in fuzz_target["openapi"]["paths"].items()
+        for method in item
+        if path.startswith("/api/")
+    ]
+    assert len(operations) >= 10
+    with httpx.Client(base_url=fuzz_target["base_url"]) as client:
+        for method, path in operations:
+            url = path.replace("{job_id}", "fuzz-job").replace("{image_id}", "x")
+            url = url.replace("{generation_id}", "x").replace("{path}", "a.txt")
+            for headers in ({}, {"X-API-Key": API_KEY[:-1]}, {"X-API-Key": API_KEY + "x"}):
+                reply = client.request(method, url, headers=headers)
+                assert reply.status_code == 401, (method, url, headers)
+                assert reply.headers["WWW-Authenticate"] == "ApiKey"
+
+
+def test_fuzzing_reached_every_operation_and_caused_no_5xx(fuzz_target: dict[str, Any]) -> None:
+    """The server's own request metrics, after the fuzzing above: every operation of the
+    schema was called, and no reply was a 5xx."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.Client(base_url=fuzz_target["base_url"]) as client:
+        families = text_string_to_metric_families(client.get("/metrics").text)
+    samples = [
+        sample.labels | {"count": sample.value}
+        for family in families
+        if family.name == "mv_http_requests"
+        for sample in family.samples
+        if sample.name == "mv_http_requests_total"
+    ]
+    called = {(s["method"], s["route"].replace(":path}", "}")) for s in samples}
+    operations = {
+        (method.upper(), path)
+        for path, item in fuzz_target["openapi"]["paths"].items()
+        for method in item
+    }
+    assert operations <= called, operations - called
+    server_errors = [s for s in samples if s["status"].startswith("5") and s["route"] != "/ready"]
+    assert server_errors == []
+    total = sum(s["count"] for s in samples)
+    print(f"{fuzz_target['mode']}: {total:.0f} requests over {len(operations)} operations")
+    assert total > 10 * len(operations)

@@ -14,11 +14,12 @@ from fastapi import Depends, FastAPI, Security
 from fastapi.middleware.cors import CORSMiddleware
 
 from config import Settings, SettingsError, get_settings
-from middleware import ApiKeyMiddleware, RequestContextMiddleware
+from middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from observability import configure_logging
 from routers import debug, generations, jobs, mv, system
 from routers.deps import API_KEY_SCHEME, check_path_ids
 from routers.errors import classify_error, install_error_handlers
+from routers.upload_limits import MAX_JSON_BODY_BYTES, UPLOAD_PATH
 from services.asset_persistence import AssetPersistenceService
 from services.character_references import CharacterReferenceService
 from services.generation.policy import GenerationPolicy
@@ -162,6 +163,9 @@ def create_app(
     for router in api_routers:
         app.include_router(router, dependencies=api_dependencies, responses=api_responses)
     # Added innermost first: the request context wraps CORS, which wraps the key check.
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=MAX_JSON_BODY_BYTES, own_limit_paths={UPLOAD_PATH}
+    )
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_values)
     origins = settings.cors_origin_list
     if origins:

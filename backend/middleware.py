@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability import request_id_var
@@ -127,17 +128,55 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {"detail": {"error": "Unauthorized", "message": "a valid X-API-Key header is required"}}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"ApiKey"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        detail = {"error": "Unauthorized", "message": "a valid X-API-Key header is required"}
+        await _send_json(send, 401, {"detail": detail}, [(b"www-authenticate", b"ApiKey")])
+
+
+async def _send_json(send: Send, status: int, payload: dict, headers: Sequence = ()) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413, before they are buffered.
+
+    A declared Content-Length over the limit is refused without reading anything; a body that
+    streams in without one is counted, and reading stops at the limit. Paths in
+    `own_limit_paths` enforce a limit of their own (the image upload) and are left alone.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, own_limit_paths: set[str]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.own_limit_paths = own_limit_paths
+
+    def _too_large(self) -> dict:
+        limit_kb = self.max_bytes // 1024
+        return {"detail": {"error": "TooLarge", "message": f"the body is over {limit_kb} KB"}}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.own_limit_paths:
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_json(send, 413, self._too_large())
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # Raised inside the app's body read, so the app answers it like any error.
+                raise HTTPException(413, self._too_large()["detail"])
+            return message
+
+        await self.app(scope, counting_receive, send)

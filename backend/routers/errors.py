@@ -16,6 +16,7 @@ from services.generation.base import (
     GenerationError,
     GenerationTimeoutError,
     GeneratorFailedError,
+    GeneratorNotOfferedError,
     GeneratorUnavailableError,
     ProviderError,
 )
@@ -64,6 +65,7 @@ def error_response(status: int, error: str, message: str, **headers: str) -> JSO
 _FIELD_ERRORS: list[tuple[type[Exception], tuple[str, str]]] = [
     (IdempotencyKeyError, ("header", "Idempotency-Key")),
     (WebhooksDisabledError, ("body", "webhook_url")),
+    (GeneratorNotOfferedError, ("body", "backend")),
 ]
 
 

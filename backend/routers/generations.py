@@ -8,7 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Response
 
 from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
-from routers.deps import GenerationsDep, IdempotencyKeyHeader, SettingsDep
+from routers.deps import (
+    GenerationPolicyDep,
+    GenerationsDep,
+    IdempotencyKeyHeader,
+    SettingsDep,
+)
 
 router = APIRouter(prefix="/api/mv", tags=["asynchronous generation"])
 
@@ -27,9 +32,11 @@ async def submit_character_reference_job(
     response: Response,
     generations: GenerationsDep,
     settings: SettingsDep,
+    policy: GenerationPolicyDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerationStatus:
     """Queue a generation (the sync route's body, plus `webhook_url`); poll `status_url`."""
+    policy.check_offered(body.backend)
     status = await generations.submit(
         body, idempotency_key, webhooks_enabled=settings.webhook_secret is not None
     )

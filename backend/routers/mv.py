@@ -18,6 +18,7 @@ from mv.character_reference import (
 from routers.deps import (
     AssetsDep,
     CharacterReferencesDep,
+    GenerationPolicyDep,
     GenerationsDep,
     IdempotencyKeyHeader,
     ImageDeliveryDep,
@@ -71,9 +72,11 @@ _UPLOAD_BODY = {
 async def generate_character_reference(
     body: GenerateCharacterReferenceRequest,
     generations: GenerationsDep,
+    policy: GenerationPolicyDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerateCharacterReferenceResponse:
     """Generate 1-4 candidate character reference images; each is stored before the reply."""
+    policy.check_offered(body.backend)
     return await generations.generate_now(body, idempotency_key)
 
 

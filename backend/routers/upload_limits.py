@@ -6,6 +6,9 @@ from fastapi import HTTPException, Request
 from starlette.types import Message, Receive
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# Every other body is JSON, and small: a job's metadata is at most 16 KB.
+MAX_JSON_BODY_BYTES = 1024 * 1024
+UPLOAD_PATH = "/api/mv/upload_character_reference"
 # Room for the multipart boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
 

@@ -70,13 +70,18 @@ def test_replicate_mode_without_a_token_is_a_503_naming_it(
     assert "set REPLICATE_API_TOKEN" in reply.json()["detail"]["message"]
 
 
-def test_a_disabled_backend_asked_for_by_name_is_a_503(
+def test_a_backend_this_server_does_not_offer_is_a_422_naming_the_field(
     make_api: Callable[..., ApiHarness],
 ) -> None:
-    api = make_api(image_generator="local")
-    reply = api.client.post(GENERATE, json={**BODY, "backend": "replicate"})
-    assert reply.status_code == 503
-    assert "IMAGE_GENERATOR=local" in reply.json()["detail"]["message"]
+    disabled = make_api(image_generator="local")
+    unconfigured = make_api(image_generator="auto")  # no Replicate token
+    for api, why in ((disabled, "IMAGE_GENERATOR=local"), (unconfigured, "REPLICATE_API_TOKEN")):
+        for route in (GENERATE, "/api/mv/character_reference_jobs"):
+            reply = api.client.post(route, json={**BODY, "backend": "replicate"})
+            assert reply.status_code == 422
+            detail = reply.json()["detail"][0]
+            assert detail["loc"] == ["body", "backend"]
+            assert why in detail["msg"]
 
 
 def test_backend_replicate_skips_the_local_model(make_api: Callable[..., ApiHarness]) -> None:

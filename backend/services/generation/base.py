@@ -117,6 +117,10 @@ class GeneratorUnavailableError(GenerationError):
     """No generator can take the request; the message says what to configure."""
 
 
+class GeneratorNotOfferedError(GenerationError):
+    """The request names a generator this server does not offer (disabled or unconfigured)."""
+
+
 class GeneratorFailedError(GenerationError):
     """The local pipeline failed (load error, runtime error); the auto policy may fall back."""
 

@@ -13,6 +13,7 @@ from services.generation.base import (
     GenerationResult,
     GenerationTimeoutError,
     GeneratorFailedError,
+    GeneratorNotOfferedError,
     GeneratorUnavailableError,
     ImageGenerator,
     OutOfMemoryError,
@@ -102,6 +103,22 @@ class GenerationPolicy:
             problems.append(f"{name}: {reason}")
         return problems
 
+    def refusal(self, requested: GeneratorName) -> str | None:
+        """Why a request naming `requested` can never run on this server; None if it can."""
+        if self.mode not in ("auto", requested):
+            return (
+                f"the {requested} generator is disabled (IMAGE_GENERATOR={self.mode}); "
+                f"set IMAGE_GENERATOR=auto or {requested}"
+            )
+        if requested not in self.generators:
+            return f"the {requested} generator is not configured ({_HOW_TO_ENABLE[requested]})"
+        return None
+
+    def check_offered(self, requested: GeneratorName | None) -> None:
+        """Raise GeneratorNotOfferedError when a request names a generator that cannot run."""
+        if requested is not None and (refusal := self.refusal(requested)) is not None:
+            raise GeneratorNotOfferedError(refusal)
+
     def readiness_warnings(self) -> list[str]:
         """What works but needs an operator's eye: a generator that keeps running out of memory."""
         warnings = []
@@ -135,11 +152,8 @@ class GenerationPolicy:
         progress: GenerationProgress | None,
     ) -> PolicyOutcome:
         order = self._order(requested)
-        if requested is not None and self.mode not in ("auto", requested):
-            raise GeneratorUnavailableError(
-                f"the {requested} generator is disabled (IMAGE_GENERATOR={self.mode}); "
-                f"set IMAGE_GENERATOR=auto or {requested}"
-            )
+        if requested is not None and (refusal := self.refusal(requested)) is not None:
+            raise GeneratorUnavailableError(refusal)
         reasons: list[str] = []
         for index, name in enumerate(order):
             generator = self.generators.get(name)

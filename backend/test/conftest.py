@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -175,6 +176,14 @@ def storage(
         if key.startswith(("character_references/", "jobs/")):
             s3.delete_object(Bucket=settings.storage_bucket, Key=key)
     harness.backend.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll `condition` every 0.1 s; fail the test if it stays false for `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
 
 
 def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from conftest import ApiHarness, image_bytes, out_of_memory_loader
+from conftest import ApiHarness, image_bytes, out_of_memory_loader, wait_until
 from fake_replicate import FakeReplicate
 from faulty_proxy import FaultyProxy
 from services.storage.atomic import TEMP_PREFIX, remove_abandoned_temp_files
@@ -42,14 +42,6 @@ def s3_proxy(moto_endpoint: str) -> Iterator[FaultyProxy]:
     proxy.start()
     yield proxy
     proxy.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Poll `condition` every 0.1 s; fail the test if it stays false for `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def pending_uploads(api: ApiHarness) -> list[str]:

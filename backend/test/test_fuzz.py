@@ -23,10 +23,9 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_faults import wait_until
 
 from config import REPO_ROOT, Settings, load_settings
-from conftest import image_bytes, new_bucket_name
+from conftest import image_bytes, new_bucket_name, wait_until
 from live_server import serve
 from main import create_app
 from services.storage.s3 import make_s3_client

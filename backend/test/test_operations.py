@@ -73,7 +73,7 @@ def test_not_ready_until_the_local_model_has_loaded(make_api: Callable[..., ApiH
     api.client.post(GENERATE, json=BODY)  # waits for the load
     after = api.client.get("/ready")
     assert after.status_code == 200
-    assert after.json() == {"status": "ready", "problems": []}
+    assert after.json() == {"status": "ready", "problems": [], "warnings": []}
 
 
 def test_ready_with_replicate_alone_and_not_ready_without_any_generator(

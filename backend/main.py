@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -127,6 +128,9 @@ def create_app(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)
         )
         sweeper = asyncio.create_task(remove_abandoned_writes(settings.output_dir))
+        # The imports (torch, diffusers) leave millions of long-lived objects; freezing them
+        # keeps every later full garbage collection from walking them again mid-request.
+        gc.freeze()
         try:
             yield
         finally:

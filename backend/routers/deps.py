@@ -54,47 +54,51 @@ async def check_path_ids(request: Request) -> None:
     bind(job_id=params.get("job_id"), generation_id=params.get("generation_id"))
 
 
-def get_app_settings(request: Request) -> Settings:
+# The getters are `async def` on purpose: FastAPI runs a plain `def` dependency on a worker
+# thread, which would cost every request a thread hop per service it uses.
+
+
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was built with."""
     return request.app.state.settings
 
 
-def get_assets(request: Request) -> AssetPersistenceService:
+async def get_assets(request: Request) -> AssetPersistenceService:
     """The app's AssetPersistenceService."""
     return request.app.state.assets
 
 
-def get_character_references(request: Request) -> CharacterReferenceService:
+async def get_character_references(request: Request) -> CharacterReferenceService:
     """The app's CharacterReferenceService."""
     return request.app.state.character_references
 
 
-def get_generation_policy(request: Request) -> GenerationPolicy:
+async def get_generation_policy(request: Request) -> GenerationPolicy:
     """The app's GenerationPolicy."""
     return request.app.state.generation
 
 
-def get_image_delivery(request: Request) -> ImageDelivery:
+async def get_image_delivery(request: Request) -> ImageDelivery:
     """The app's ImageDelivery."""
     return request.app.state.delivery
 
 
-def get_generation_queue(request: Request) -> GenerationQueue:
+async def get_generation_queue(request: Request) -> GenerationQueue:
     """The app's GenerationQueue."""
     return request.app.state.generation_queue
 
 
-def get_generations(request: Request) -> GenerationService:
+async def get_generations(request: Request) -> GenerationService:
     """The app's GenerationService."""
     return request.app.state.generations
 
 
-def get_jobs(request: Request) -> JobService:
+async def get_jobs(request: Request) -> JobService:
     """The app's JobService."""
     return request.app.state.jobs
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     """The app's Metrics."""
     return request.app.state.metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -144,6 +145,11 @@ class AssetPersistenceService:
         )
         self._inline_signer = (
             self.storage if isinstance(self.storage, SignsKnownKeysWithoutIO) else None
+        )
+        # Stored references never change or go away, so where one was found is remembered;
+        # a miss is not, so an image stored later (by another replica, say) is found then.
+        self.lookup_character_reference = functools.lru_cache(maxsize=65_536)(
+            self._find_character_reference
         )
         # Weak: a job's lock lives only while someone holds or waits for it.
         self._job_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
@@ -315,10 +321,13 @@ class AssetPersistenceService:
     async def find_character_reference(self, image_id: str) -> tuple[str, str | None]:
         """Key and sha256 (None without a sidecar) of a standalone image; raises if absent."""
         image_id = parse_image_id(image_id)
-        return await asyncio.to_thread(self._find_character_reference, image_id)
+        return await asyncio.to_thread(self.lookup_character_reference, image_id)
 
     def _find_character_reference(self, image_id: str) -> tuple[str, str | None]:
-        """Key and expected sha256 of a standalone image, from its sidecar or by extension."""
+        """Key and expected sha256 of a standalone image, from its sidecar or by extension.
+
+        Blocking; `lookup_character_reference` is the same with a memory of what was found.
+        """
         record = self._read_record(image_id)
         if record is not None:
             extension = normalize_image_extension(record.content_type.rpartition("/")[2])
@@ -333,7 +342,7 @@ class AssetPersistenceService:
 
     def _associate(self, job_id: str, image_ids: list[str], base: Path) -> list[str]:
         # Resolve every id first, so an unknown one fails the call before anything is copied.
-        found = [self._find_character_reference(image_id) for image_id in image_ids]
+        found = [self.lookup_character_reference(image_id) for image_id in image_ids]
         urls = []
         for image_id, (key, sha256) in zip(image_ids, found, strict=True):
             extension = key.rpartition(".")[2]
@@ -359,7 +368,7 @@ class AssetPersistenceService:
 
     def _attach(self, job_id: str, image_ids: list[str]) -> JobManifest:
         # Resolve every id first, so an unknown one fails the call before anything is copied.
-        found = [self._find_character_reference(image_id) for image_id in image_ids]
+        found = [self.lookup_character_reference(image_id) for image_id in image_ids]
         manifest = self._read_manifest_or_empty(job_id)
         listed = {entry.path: entry for entry in manifest.files}
         changed = False

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from services.asset_persistence import AssetPersistenceService, CharacterReferenceNotFoundError
 from services.storage.base import HasLocalCopies, PresignedUrl, SignsExistingKeys
 from services.storage.errors import ObjectNotFoundError
+from services.storage.keys import parse_image_id
 from services.storage.local import content_type_for
+
+# A presigned URL is handed out again while at least this share of its validity is left, so
+# every client still gets at least 90 % of PRESIGNED_URL_EXPIRY.
+REUSE_WHILE_VALIDITY_LEFT = 0.9
+MAX_REMEMBERED_URLS = 65_536
+
+
+def _mostly_valid(url: PresignedUrl) -> bool:
+    left = (url.expires_at - datetime.now(UTC)).total_seconds()
+    return left >= REUSE_WHILE_VALIDITY_LEFT * url.expires_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +52,23 @@ class ImageDelivery:
         self._files = storage if isinstance(storage, HasLocalCopies) else None
         self._signer = storage if isinstance(storage, SignsExistingKeys) else None
         self.serves_from_cloud = assets.settings.serve_from_cloud and self._signer is not None
+        self._recent_urls: dict[str, PresignedUrl] = {}
+        self._recent_cloud_images: dict[str, CloudImage] = {}
+
+    def _presigned(self, key: str) -> PresignedUrl | None:
+        """A presigned URL of `key`, the same one again while most of its validity is left:
+        signing costs more than the rest of a redirect, and a repeated URL lets browsers and
+        CDNs cache the image."""
+        assert self._signer is not None
+        recent = self._recent_urls.get(key)
+        if recent is not None and _mostly_valid(recent):
+            return recent
+        signed = self._signer.presign_existing(key, self.assets.settings.presigned_url_expiry)
+        if signed is not None:
+            if len(self._recent_urls) >= MAX_REMEMBERED_URLS:
+                self._recent_urls.clear()
+            self._recent_urls[key] = signed
+        return signed
 
     async def locate(self, image_id: str) -> CloudImage | LocalImageFile:
         """The S3 copy's presigned URL when serving from the cloud and S3 holds it; else the
@@ -47,8 +76,20 @@ class ImageDelivery:
 
         Raises CharacterReferenceNotFoundError when no tier holds the image.
         """
-        key, sha256 = await self.assets.find_character_reference(image_id)
-        return await self.locate_key(key, sha256, CharacterReferenceNotFoundError(image_id))
+        image_id = parse_image_id(image_id)
+        recent = self._recent_cloud_images.get(image_id)
+        if recent is not None and _mostly_valid(recent.url):
+            return recent  # a repeated redirect needs neither a lookup nor a signature
+        located = await asyncio.to_thread(self._locate, image_id)  # one hop for both steps
+        if isinstance(located, CloudImage):
+            if len(self._recent_cloud_images) >= MAX_REMEMBERED_URLS:
+                self._recent_cloud_images.clear()
+            self._recent_cloud_images[image_id] = located
+        return located
+
+    def _locate(self, image_id: str) -> CloudImage | LocalImageFile:
+        key, sha256 = self.assets.lookup_character_reference(image_id)
+        return self._locate_key(key, sha256, CharacterReferenceNotFoundError(image_id))
 
     async def locate_key(
         self, key: str, sha256: str | None, not_found: ObjectNotFoundError
@@ -61,8 +102,7 @@ class ImageDelivery:
     ) -> CloudImage | LocalImageFile:
         content_type = content_type_for(key)
         if self.serves_from_cloud:
-            assert self._signer is not None
-            signed = self._signer.presign_existing(key, self.assets.settings.presigned_url_expiry)
+            signed = self._presigned(key)
             if signed is not None:
                 return CloudImage(key, signed, content_type)
         path = None if self._files is None else self._files.local_copy(key)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import ApiHarness, image_bytes
@@ -456,3 +458,32 @@ def test_config_debug_shows_settings_and_never_secrets(make_api: Callable[..., A
 def test_config_debug_is_absent_unless_enabled(make_api: Callable[..., ApiHarness]) -> None:
     api = make_api()
     assert api.client.get("/api/mv/config/debug").status_code == 404
+
+
+def test_a_redirect_repeats_its_url_while_most_of_its_validity_is_left(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api("s3", serve_from_cloud=True, presigned_url_expiry=10)
+    image_id = upload(api, image_bytes())["id"]
+    path = f"/api/mv/get_character_reference/{image_id}?redirect=true"
+    first = api.client.get(path, follow_redirects=False).headers["location"]
+    again = api.client.get(path, follow_redirects=False).headers["location"]
+    assert again == first  # the same URL: browsers and CDNs can cache the image
+    assert api.client.get(f"/api/mv/get_character_reference/{image_id}").json()["image_url"] == (
+        first
+    )
+    time.sleep(1.2)  # now under 90 % of the 10 s validity is left
+    fresh = api.client.get(path, follow_redirects=False).headers["location"]
+    assert fresh != first
+    assert httpx.get(fresh).status_code == 200
+
+
+def test_an_image_stored_after_a_miss_is_found(
+    make_api: Callable[..., ApiHarness], write_image: Callable[..., Path]
+) -> None:
+    api = make_api()
+    image_id = str(uuid.uuid4())
+    assert api.client.get(image_url(image_id)).status_code == 404
+    assets = api.client.app.state.assets
+    api.client.portal.call(assets.persist_character_reference, image_id, write_image())
+    assert api.client.get(image_url(image_id)).status_code == 200  # the miss was not remembered

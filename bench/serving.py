@@ -1,0 +1,176 @@
+"""Serving benchmark: image GETs through the API against bare Starlette apps, in one run.
+
+Run with `make bench` (or, from backend/, `python ../bench/serving.py`). Every server is a real
+`uvicorn` process on 127.0.0.1 (one worker); the client sends sequential GETs over one
+keep-alive connection, alternating between the API and its baseline round by round:
+
+1. local mode: GET /api/mv/get_character_reference/{id} (id check, lookup, ETag, FileResponse)
+   against a bare Starlette app whose only route returns a FileResponse of the same file;
+2. redirect mode (S3 on a moto server, SERVE_FROM_CLOUD=true): GET ...?redirect=true (id check,
+   lookup, presigning, 307) against a bare app whose only route returns a 307 to the same URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+BENCH_DIR = Path(__file__).resolve().parent
+BACKEND_DIR = BENCH_DIR.parent / "backend"
+sys.path.insert(0, str(BACKEND_DIR))
+sys.path.insert(0, str(BENCH_DIR))
+
+from report import Row, print_table  # noqa: E402
+from run import start_moto_server  # noqa: E402
+
+from services.storage.s3 import make_s3_client  # noqa: E402
+
+
+def start_server(app: str, app_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`uvicorn app` on a free loopback port; returns the process and its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--app-dir",
+            str(app_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{app} did not start")
+
+
+def requests_per_second(url: str, count: int, status: int) -> float:
+    """Sequential GETs of `url` over one connection; requests per second."""
+    with httpx.Client(follow_redirects=False) as client:
+        client.get(url)  # connect
+        started = time.perf_counter()
+        for _ in range(count):
+            reply = client.get(url)
+            assert reply.status_code == status, reply.status_code
+        return count / (time.perf_counter() - started)
+
+
+def compare(
+    api_url: str, bare_url: str, status: int, count: int, rounds: int
+) -> tuple[float, float]:
+    """Median requests/s of the API and of the bare app, alternating rounds."""
+    api, bare = [], []
+    for _ in range(rounds):
+        bare.append(requests_per_second(bare_url, count, status))
+        api.append(requests_per_second(api_url, count, status))
+    return statistics.median(api), statistics.median(bare)
+
+
+def measure(count: int = 1000, rounds: int = 5) -> list[Row]:
+    """Both comparisons, as report rows."""
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    image = work / "image.png"
+    from PIL import Image
+
+    Image.effect_noise((512, 512), 60).convert("RGB").save(image)  # about 300 KB
+    processes: list[subprocess.Popen] = []
+    base = {"IMAGE_GENERATOR": "replicate", "LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+    try:
+        api, api_url = start_server(
+            "main:app", BACKEND_DIR, {**base, "OUTPUT_DIR": str(work / "local")}
+        )
+        processes.append(api)
+        with httpx.Client(base_url=api_url) as client:
+            stored = client.post(
+                "/api/mv/upload_character_reference", files={"file": ("a.png", image.read_bytes())}
+            ).json()
+        stored_file = work / "local" / stored["path"]
+        bare, bare_url = start_server(
+            "bare_apps:file_app", BENCH_DIR, {"BARE_FILE": str(stored_file)}
+        )
+        processes.append(bare)
+        local = compare(f"{api_url}{stored['url']}", f"{bare_url}/image", 200, count, rounds)
+
+        moto, endpoint = start_moto_server()
+        processes.append(moto)
+        credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+        os.environ.update(credentials)
+        make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        cloud_env = {
+            **base,
+            **credentials,
+            "OUTPUT_DIR": str(work / "s3"),
+            "STORAGE_BACKEND": "s3",
+            "STORAGE_BUCKET": "bench",
+            "AWS_ENDPOINT_URL": endpoint,
+            "SERVE_FROM_CLOUD": "true",
+        }
+        cloud, cloud_url = start_server("main:app", BACKEND_DIR, cloud_env)
+        processes.append(cloud)
+        with httpx.Client(base_url=cloud_url) as client:
+            image_id = client.post(
+                "/api/mv/upload_character_reference", files={"file": ("a.png", image.read_bytes())}
+            ).json()["id"]
+            redirect_path = f"/api/mv/get_character_reference/{image_id}?redirect=true"
+            location = client.get(redirect_path).headers["location"]
+        bare_redirect, bare_redirect_url = start_server(
+            "bare_apps:redirect_app", BENCH_DIR, {"BARE_REDIRECT_URL": location}
+        )
+        processes.append(bare_redirect)
+        redirect = compare(
+            f"{cloud_url}{redirect_path}", f"{bare_redirect_url}/image", 307, count, rounds
+        )
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(30)
+    return [
+        Row(
+            "local image GET vs bare FileResponse app",
+            *local,
+            "req/s",
+            True,
+            "300 KB PNG, sequential, keep-alive",
+        ),
+        Row(
+            "redirect (307 to S3) vs bare redirect app",
+            *redirect,
+            "req/s",
+            True,
+            "presigned per request",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5)
+    arguments = parser.parse_args()
+    print_table(measure(arguments.requests, arguments.rounds))

@@ -49,10 +49,10 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Every benchmark in one run, one table of ratios against baselines measured in the same run
+# (the real-size GPU rows too, when CUDA is present).
 bench: $(VENV)/.dev-installed
-	cd backend && ../$(BIN)/python ../bench/run.py
-	cd backend && ../$(BIN)/python ../bench/generation.py
-	cd backend && ../$(BIN)/python ../bench/health_under_load.py
+	cd backend && ../$(BIN)/python ../bench/all.py
 
 # Real-size FLUX.1-schnell and SDXL-Turbo architectures with random weights; needs CUDA.
 bench-gpu: $(VENV)/.runtime-installed

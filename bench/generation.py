@@ -26,8 +26,10 @@ from pathlib import Path
 
 BACKEND_DIR = Path(__file__).resolve().parents[1] / "backend"
 sys.path.insert(0, str(BACKEND_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fastapi.testclient import TestClient  # noqa: E402
+from report import Row, print_table  # noqa: E402
 
 from config import load_settings  # noqa: E402
 from main import create_app  # noqa: E402
@@ -46,13 +48,8 @@ def time_once(run: Callable[[], object], rounds: list[float]) -> None:
     rounds.append(time.perf_counter() - started)
 
 
-def main() -> int:
-    """Measure and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-s3", action="store_true", help="skip the S3-mode row")
-    args = parser.parse_args()
-
+def measure(rounds: int = 5, with_s3: bool = True) -> list[Row]:
+    """The API end to end against the bare pipeline, as report rows."""
     work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
     model = build(work / "tiny-flux", "flux")
 
@@ -73,8 +70,7 @@ def main() -> int:
         local_model_id=str(model), local_device="cpu", output_dir=work / "local"
     )
     clients["API, local storage"] = TestClient(create_app(settings))
-    if not args.no_s3:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if with_s3:
         from run import start_moto_server  # the storage benchmark's moto server
 
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -100,7 +96,7 @@ def main() -> int:
             client.__enter__()
             assert client.post("/api/mv/generate_character_reference", json=BODY).status_code == 200
         bare()  # warm-up
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             time_once(bare, rows["bare pipeline"])
             for name, client in clients.items():
                 without_base64 = {**BODY, "include_base64": False}
@@ -118,15 +114,24 @@ def main() -> int:
         if moto is not None:
             moto.kill()
 
-    bare_s = statistics.median(rows["bare pipeline"])
-    print(f"4 images, 1024x1024, {arguments.get('num_inference_steps')} steps, tiny FLUX, CPU")
-    print(f"{'row':<36} {'median s':>9} {'ratio':>7} {'overhead ms':>12}")
-    for name, rounds in rows.items():
-        seconds = statistics.median(rounds)
-        overhead = (seconds - bare_s) * 1000
-        print(f"{name:<36} {seconds:9.3f} {seconds / bare_s:7.3f} {overhead:12.0f}")
-    return 0
+    bare_s = statistics.median(rows.pop("bare pipeline"))
+    steps = arguments.get("num_inference_steps")
+    return [
+        Row(
+            f"generation end to end vs bare pipeline: {name}",
+            statistics.median(seconds),
+            bare_s,
+            "s",
+            False,
+            f"tiny FLUX, 4 images 1024x1024, {steps} steps, CPU",
+        )
+        for name, seconds in rows.items()
+    ]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3-mode row")
+    options = parser.parse_args()
+    print_table(measure(options.rounds, with_s3=not options.no_s3))

@@ -27,8 +27,10 @@ from typing import Any
 
 BACKEND_DIR = Path(__file__).resolve().parents[1] / "backend"
 sys.path.insert(0, str(BACKEND_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from report import Row, print_table  # noqa: E402
 
 from services.generation.base import GenerationRequest  # noqa: E402
 from services.generation.local_diffusers import DiffusersGenerator  # noqa: E402
@@ -237,32 +239,45 @@ def bench(name: str, model_id: str, factory: Callable[[], Any], rounds: int) -> 
     return row
 
 
-def main() -> int:
-    """Run both models and print one table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["flux", "sdxl"])
-    args = parser.parse_args()
+MODELS = [
+    ("FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell", flux_schnell),
+    ("SDXL-Turbo", "stabilityai/sdxl-turbo", sdxl_turbo),
+]
+
+
+def measure(rounds: int = 3, only: str | None = None) -> list[Row]:
+    """Both real-size models through DiffusersGenerator against the bare pipeline; [] without
+    CUDA."""
     if not torch.cuda.is_available():
-        print("needs CUDA", file=sys.stderr)
-        return 2
+        return []
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    models = [
-        ("FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell", flux_schnell),
-        ("SDXL-Turbo", "stabilityai/sdxl-turbo", sdxl_turbo),
-    ]
-    rows = [
-        bench(name, model_id, factory, args.rounds)
-        for name, model_id, factory in models
-        if args.only is None or args.only in name.lower()
-    ]
-    columns = list(rows[0])
-    print("\t".join(columns))
-    for row in rows:
-        print("\t".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
-    return 0
+    device = torch.cuda.get_device_name()
+    rows = []
+    for name, model_id, factory in MODELS:
+        if only is not None and only not in name.lower():
+            continue
+        figures = bench(name, model_id, factory, rounds)
+        rows.append(
+            Row(
+                f"real-size {name} on {device}: generator vs bare pipeline",
+                figures["latency_s"],
+                figures["bare_s"],
+                "s",
+                False,
+                f"{figures['images']} images {figures['size']}, {figures['steps']} steps; "
+                f"{figures['images_per_s']:.2f} images/s, {figures['achieved_tflops']:.0f} TFLOP/s "
+                f"({figures['share_of_spec_peak']:.0%} of spec peak), "
+                f"{figures['peak_memory_gib']:.1f} GiB",
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["flux", "sdxl"])
+    options = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs CUDA")
+    print_table(measure(options.rounds, options.only))

@@ -10,6 +10,7 @@ Run with `make bench` (or, from backend/, `python ../bench/run.py`). An S3-compa
    SHA-256 checksums, the image and its metadata sidecar, URL) against bare boto3 `put_object`
    of the same two objects, and against `put_object` of the image alone; 1 and 4 in flight.
 Each figure is the median of several alternating rounds; the ratio is service / bare.
+`make bench` runs this with every other benchmark and prints one table.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from pathlib import Path
 
 BACKEND_DIR = Path(__file__).resolve().parents[1] / "backend"
 sys.path.insert(0, str(BACKEND_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from PIL import Image  # noqa: E402
+from report import Row, print_table  # noqa: E402
 
 from config import load_settings  # noqa: E402
 from services.asset_persistence import AssetPersistenceService  # noqa: E402
@@ -190,8 +193,10 @@ async def bench_persist(
     return result
 
 
-async def main(args: argparse.Namespace) -> int:
-    """Run both benchmarks and print the table; exit 1 if a ratio is under --min-ratio."""
+async def measure(
+    rounds: int = 5, presign_calls: int = 2000, presign_images: int = 300, persist_images: int = 24
+) -> list[Row]:
+    """Presigning and persisting through the service against bare boto3, as report rows."""
     server, endpoint = start_moto_server()
     try:
         with tempfile.TemporaryDirectory() as scratch:
@@ -214,51 +219,55 @@ async def main(args: argparse.Namespace) -> int:
 
             small = scratch_dir / "small.png"
             Image.effect_noise((64, 64), 50).convert("RGB").save(small)
-            ids = [str(uuid.uuid4()) for _ in range(args.presign_images)]
+            ids = [str(uuid.uuid4()) for _ in range(presign_images)]
             for image_id in ids:
                 await service.persist_character_reference(image_id, small)
-            pngs = make_pngs(scratch_dir, args.persist_images)
+            pngs = make_pngs(scratch_dir, persist_images)
 
-            rows = []
-            service_rate, bare_rate = await bench_presign(
-                service, client, ids, args.presign_calls, args.rounds
-            )
-            rows.append(("presigned URLs / s", service_rate, bare_rate, True))
-            service_rate, bare_rate = await bench_presign_cold(settings, client, ids, args.rounds)
-            rows.append(
-                ("presigned URLs / s, keys new to the process", service_rate, bare_rate, False)
-            )
+            rows = [
+                Row(
+                    "presign vs bare boto3 generate_presigned_url",
+                    *await bench_presign(service, client, ids, presign_calls, rounds),
+                    "URLs/s",
+                    True,
+                    "keys this process stored",
+                ),
+                Row(
+                    "presign, keys new to the process, vs bare boto3",
+                    *await bench_presign_cold(settings, client, ids, rounds),
+                    "URLs/s",
+                    True,
+                    "includes an existence check bare boto3 skips",
+                ),
+            ]
             for concurrency in (1, 4):
-                persist = await bench_persist(service, client, pngs, concurrency, args.rounds)
-                label = (
-                    f"persist MB/s, {persist['average_mb']:.1f} MB PNGs, {concurrency} in flight"
-                )
-                rows.append((label, persist["service"], persist["same_objects"], True))
+                persist = await bench_persist(service, client, pngs, concurrency, rounds)
+                size = f"{persist['average_mb']:.1f} MB PNGs, {concurrency} in flight"
                 rows.append(
-                    (
-                        "  same, against an image-only put loop",
+                    Row(
+                        "persist vs bare boto3 put_object (image + sidecar)",
+                        persist["service"],
+                        persist["same_objects"],
+                        "MB/s",
+                        True,
+                        size,
+                    )
+                )
+                rows.append(
+                    Row(
+                        "persist vs bare boto3 put_object (image only)",
                         persist["service"],
                         persist["image_only"],
-                        False,
+                        "MB/s",
+                        True,
+                        size,
                     )
                 )
             backend.close()
     finally:
         server.terminate()
         server.wait(timeout=10)
-
-    print(f"{'benchmark':<46} {'service':>10} {'bare boto3':>11} {'ratio':>7}")
-    failed = False
-    for name, service_value, bare_value, gated in rows:
-        ratio = service_value / bare_value
-        failed |= gated and ratio < args.min_ratio
-        mark = "" if gated else "  (not gated)"
-        print(f"{name:<46} {service_value:>10.1f} {bare_value:>11.1f} {ratio:>7.2f}{mark}")
-    print(f"(median of {args.rounds} alternating rounds; goal: gated ratios >= {args.min_ratio})")
-    print("Persist rows compare with bare boto3 writing the same objects (the image and its")
-    print("sidecar); 'image-only' shows the cost of the sidecar's extra request as well.")
-    print("'keys new to the process' includes an existence check that bare boto3 skips.")
-    return 1 if failed else 0
+    return rows
 
 
 if __name__ == "__main__":
@@ -267,5 +276,14 @@ if __name__ == "__main__":
     parser.add_argument("--presign-calls", type=int, default=2000)
     parser.add_argument("--presign-images", type=int, default=300)
     parser.add_argument("--persist-images", type=int, default=24)
-    parser.add_argument("--min-ratio", type=float, default=0.8)
-    sys.exit(asyncio.run(main(parser.parse_args())))
+    arguments = parser.parse_args()
+    print_table(
+        asyncio.run(
+            measure(
+                arguments.rounds,
+                arguments.presign_calls,
+                arguments.presign_images,
+                arguments.persist_images,
+            )
+        )
+    )

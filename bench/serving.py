@@ -163,7 +163,7 @@ def measure(count: int = 1000, rounds: int = 5) -> list[Row]:
             *redirect,
             "req/s",
             True,
-            "presigned per request",
+            "URL reused while 90 % valid",
         ),
     ]
 

@@ -1,0 +1,63 @@
+"""Every benchmark of the project in one run, printed as one table of ratios.
+
+Run with `make bench`. Each row sets a figure of the backend against a bare baseline measured
+in the same run (bare boto3, a bare Starlette app, the bare pipeline, the idle server), so the
+ratio means the same on any machine:
+- storage: presigning and persisting through AssetPersistenceService vs bare boto3 (moto S3);
+- serving: image GETs through the API vs bare Starlette apps, local bytes and 307 redirects;
+- the event loop: /health latency while generations run vs idle;
+- generation: the API end to end vs the bare pipeline (tiny FLUX on the CPU);
+- with CUDA: real-size FLUX.1-schnell and SDXL-Turbo, generator vs bare pipeline.
+For "/s" units higher is better; for "s" and "ms" lower is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+# The pipelines' own warnings (prompt truncation, optional packages) would bury the table.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import generation
+import gpu_generation
+import health_under_load
+import run as storage
+import serving
+from report import Row, print_table
+
+
+def main() -> int:
+    """Run every benchmark, then print the one table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
+    options = parser.parse_args()
+    rounds = 3 if options.quick else 5
+    started = time.perf_counter()
+    rows: list[Row] = []
+    steps = [
+        ("storage", lambda: asyncio.run(storage.measure(rounds))),
+        ("serving", lambda: serving.measure(500 if options.quick else 1000, rounds)),
+        ("event loop", lambda: health_under_load.measure(300 if options.quick else 500)),
+        ("generation", lambda: generation.measure(rounds)),
+        ("GPU", lambda: gpu_generation.measure(3)),
+    ]
+    for name, step in steps:
+        print(f"running the {name} benchmark...", file=sys.stderr, flush=True)
+        rows += step()
+    print()
+    print_table(rows, title=f"All benchmarks, one run ({time.perf_counter() - started:.0f} s)")
+    if not any(row.name.startswith("real-size") for row in rows):
+        print("GPU rows: skipped, no CUDA device here (`make bench-gpu` on a CUDA machine).")
+    print("ratio = backend / baseline; '/s' units: higher is better, 's'/'ms': lower is.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -132,7 +133,9 @@ class ApiKeyMiddleware:
         await _send_json(send, 401, {"detail": detail}, [(b"www-authenticate", b"ApiKey")])
 
 
-async def _send_json(send: Send, status: int, payload: dict, headers: Sequence = ()) -> None:
+async def _send_json(
+    send: Send, status: int, payload: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -156,7 +159,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
         self.own_limit_paths = own_limit_paths
 
-    def _too_large(self) -> dict:
+    def _too_large(self) -> dict[str, Any]:
         limit_kb = self.max_bytes // 1024
         return {"detail": {"error": "TooLarge", "message": f"the body is over {limit_kb} KB"}}
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Coroutine
+from typing import Any
 
 
 class FaultyProxy:
@@ -28,7 +30,7 @@ class FaultyProxy:
         """The URL to give a client instead of the upstream's."""
         return f"http://127.0.0.1:{self.port}"
 
-    def _call(self, coroutine) -> None:
+    def _call(self, coroutine: Coroutine[Any, Any, None]) -> None:
         asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
 
     def start(self) -> None:
@@ -59,7 +61,9 @@ class FaultyProxy:
             writer.transport.abort()
         self._writers.clear()
 
-    async def _handle(self, client_reader, client_writer) -> None:
+    async def _handle(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(
                 "127.0.0.1", self.upstream_port
@@ -77,7 +81,9 @@ class FaultyProxy:
             self._writers.discard(writer)
             writer.transport.abort()
 
-    async def _pipe(self, reader, writer, *, slow: bool) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await reader.read(65536):
                 if slow and self.delay:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -16,8 +17,10 @@ from typing import Any
 
 import boto3
 import httpx
+import hypothesis
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis.configuration import set_hypothesis_home_dir
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from PIL import Image
@@ -39,6 +42,12 @@ from services.storage.s3 import make_s3_client
 from services.storage_backend import StorageBackend, get_storage_backend
 
 ENV_TEST = REPO_ROOT / ".env.test"
+
+# Hypothesis keeps its example database and caches in the working directory (the source
+# tree) unless told otherwise: no database, and its caches in a temp dir.
+hypothesis.settings.register_profile("suite", database=None)
+hypothesis.settings.load_profile("suite")
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
 SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,17 +28,11 @@ sys.path.insert(0, str(BACKEND_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import Row, print_table  # noqa: E402
+from servers import free_port  # noqa: E402
 
 from tools.make_tiny_model import build  # noqa: E402
 
 BODY = {"character_description": "a silver metallic humanoid robot", "num_images": 4, "seed": 1}
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from PIL import Image  # noqa: E402
 from report import Row, print_table  # noqa: E402
+from servers import start_listening  # noqa: E402
 
 from config import load_settings  # noqa: E402
 from services.asset_persistence import AssetPersistenceService  # noqa: E402
@@ -46,22 +46,10 @@ BUCKET = "bench-bucket"
 
 def start_moto_server() -> tuple[subprocess.Popen[bytes], str]:
     """Start moto's S3 server in a child process on a free loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    return start_listening(
+        lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        timeout=30,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("moto server did not start")
 
 
 def make_pngs(directory: Path, count: int) -> list[Path]:

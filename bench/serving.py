@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,17 +30,15 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from report import Row, print_table  # noqa: E402
 from run import start_moto_server  # noqa: E402
+from servers import start_listening  # noqa: E402
 
 from services.storage.s3 import make_s3_client  # noqa: E402
 
 
 def start_server(app: str, app_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """`uvicorn app` on a free loopback port; returns the process and its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [
+    return start_listening(
+        lambda port: [
             sys.executable,
             "-m",
             "uvicorn",
@@ -57,17 +54,7 @@ def start_server(app: str, app_dir: Path, env: dict[str, str]) -> tuple[subproce
             "--no-access-log",
         ],
         env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"{app} did not start")
 
 
 def requests_per_second(url: str, count: int, status: int) -> float:

@@ -318,11 +318,6 @@ class AssetPersistenceService:
             raise CharacterReferenceNotFoundError(image_id)
         return record
 
-    async def find_character_reference(self, image_id: str) -> tuple[str, str | None]:
-        """Key and sha256 (None without a sidecar) of a standalone image; raises if absent."""
-        image_id = parse_image_id(image_id)
-        return await asyncio.to_thread(self.lookup_character_reference, image_id)
-
     def _find_character_reference(self, image_id: str) -> tuple[str, str | None]:
         """Key and expected sha256 of a standalone image, from its sidecar or by extension.
 

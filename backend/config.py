@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mv.character_reference import MAX_IMAGES
+
 BACKEND_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BACKEND_DIR.parent
 DEFAULT_OUTPUT_DIR = BACKEND_DIR / "mv" / "outputs"
@@ -22,6 +24,9 @@ _SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD")
 _ORIGIN = re.compile(r"https?://[^\s/?#]+")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MIN_API_KEY_CHARS = 16
+# Generations one API replica runs at once when a worker tier makes the pixels: enough
+# concurrent requests for the worker to batch across them.
+WORKER_TIER_GENERATION_WORKERS = 16
 
 
 def _default_instance_name() -> str:
@@ -60,15 +65,25 @@ class Settings(BaseSettings):
     pending_upload_retry_seconds: float = Field(default=60.0, ge=1, le=86_400)
 
     # Generation
-    image_generator: Literal["auto", "local", "replicate"] = "auto"
+    image_generator: Literal["auto", "worker", "local", "replicate"] = "auto"
     local_model_id: str = Field(default="black-forest-labs/FLUX.1-schnell", min_length=1)
     local_device: Literal["auto", "cuda", "cpu"] = "auto"
     replicate_api_token: SecretStr | None = None
     replicate_model: str = "black-forest-labs/flux-schnell"
     replicate_max_attempts: int = Field(default=4, ge=1, le=10)
     max_queued_generations: int = Field(default=8, ge=1, le=1000)
-    generation_workers: int = Field(default=1, ge=1, le=32)
+    # Unset: 1 (one GPU in this process), or WORKER_TIER_GENERATION_WORKERS with a worker tier.
+    generation_workers: int | None = Field(default=None, ge=1, le=64)
     generation_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
+
+    # GPU worker tier (Ray Serve): the API's client side, and the worker app's own settings
+    worker_url: str | None = None
+    worker_token: SecretStr | None = None
+    overflow_to_replicate: bool = False
+    worker_port: int = Field(default=8001, ge=1, le=65535)
+    worker_max_batch_images: int = Field(default=4, ge=MAX_IMAGES, le=64)
+    worker_batch_wait_seconds: float = Field(default=0.1, ge=0, le=10)
+    worker_max_queued_requests: int = Field(default=16, ge=1, le=10_000)
 
     # Webhooks
     webhook_secret: SecretStr | None = None
@@ -85,7 +100,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     instance_name: str = Field(default_factory=_default_instance_name)
 
-    @field_validator("storage_bucket", "aws_endpoint_url", "public_base_url", mode="before")
+    @field_validator(
+        "storage_bucket", "aws_endpoint_url", "public_base_url", "worker_url", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -97,7 +114,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a valid S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
         return value
 
-    @field_validator("aws_endpoint_url", "public_base_url")
+    @field_validator("aws_endpoint_url", "public_base_url", "worker_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -121,12 +138,12 @@ class Settings(BaseSettings):
             raise ValueError("must be 'owner/name' or 'owner/name:<64-hex version>'")
         return value
 
-    @field_validator("replicate_api_token", "webhook_secret", "api_keys")
+    @field_validator("replicate_api_token", "webhook_secret", "api_keys", "worker_token")
     @classmethod
     def _token_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None or not value.get_secret_value().strip() else value
 
-    @field_validator("webhook_secret")
+    @field_validator("webhook_secret", "worker_token")
     @classmethod
     def _long_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_API_KEY_CHARS:
@@ -185,10 +202,25 @@ class Settings(BaseSettings):
         """Origins allowed to call the API from a browser."""
         return self.cors_origins.split(",") if self.cors_origins else []
 
+    @property
+    def effective_generation_workers(self) -> int:
+        """Generations that run at once: GENERATION_WORKERS, or its default for the mode."""
+        if self.generation_workers is not None:
+            return self.generation_workers
+        return WORKER_TIER_GENERATION_WORKERS if self.worker_url is not None else 1
+
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> Settings:
         if self.storage_backend == "s3" and self.storage_bucket is None:
             raise ValueError("STORAGE_BUCKET must be set when STORAGE_BACKEND=s3")
+        return self
+
+    @model_validator(mode="after")
+    def _worker_mode_needs_a_worker(self) -> Settings:
+        if self.image_generator == "worker" and self.worker_url is None:
+            raise ValueError("WORKER_URL must be set when IMAGE_GENERATOR=worker")
+        if self.overflow_to_replicate and self.replicate_api_token is None:
+            raise ValueError("OVERFLOW_TO_REPLICATE=true needs REPLICATE_API_TOKEN")
         return self
 
 

@@ -23,13 +23,12 @@ from routers.errors import classify_error, install_error_handlers
 from routers.upload_limits import MAX_JSON_BODY_BYTES, UPLOAD_PATH
 from services.asset_persistence import AssetPersistenceService
 from services.character_references import CharacterReferenceService
-from services.generation.policy import GenerationPolicy
-from services.generation_queue import GenerationQueue
-from services.generation_records import GenerationRecordStore
-from services.generations import GenerationService
+from services.generation.policy import GenerationPolicy, build_generation_policy
+from services.generation.queue import GenerationQueue
+from services.generation.records import GenerationRecordStore
+from services.generation.service import GenerationService
 from services.idempotency import IdempotencyStore
 from services.image_delivery import ImageDelivery
-from services.image_generation import build_generation_policy
 from services.jobs import JobService
 from services.metrics import Metrics
 from services.storage.atomic import remove_abandoned_temp_files
@@ -105,7 +104,7 @@ def create_app(
             metrics=metrics,
             webhooks=webhooks,
             max_queued=settings.max_queued_generations,
-            workers=settings.generation_workers,
+            workers=settings.effective_generation_workers,
         )
         await queue.start()
         metrics.watch(metrics.pending_uploads, lambda: len(list(assets.pending_uploads())))

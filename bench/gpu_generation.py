@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from report import Row, print_table  # noqa: E402
 
 from services.generation.base import GenerationRequest  # noqa: E402
-from services.generation.local_diffusers import DiffusersGenerator  # noqa: E402
+from services.generation.generators.local import DiffusersGenerator  # noqa: E402
 from tools.make_tiny_model import _clip_tokenizer, _t5_tokenizer  # noqa: E402
 
 # Dense bf16 tensor-core peak of an H100/H200 SXM (spec sheet), and what a large bf16 matmul

@@ -16,7 +16,7 @@ MAX_SEED = 2**32 - MAX_IMAGES
 
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21"]
 OutputFormat = Literal["png", "webp", "jpeg"]
-GeneratorName = Literal["local", "replicate"]
+GeneratorName = Literal["worker", "local", "replicate"]
 
 # Width x height per aspect ratio at about one megapixel, the native budget of FLUX-class and
 # SDXL-class models. Every side is a multiple of 64, so the table also holds at half scale

@@ -14,8 +14,8 @@ from observability import bind
 from services.asset_persistence import AssetPersistenceService
 from services.character_references import CharacterReferenceService
 from services.generation.policy import GenerationPolicy
-from services.generation_queue import GenerationQueue
-from services.generations import GenerationService
+from services.generation.queue import GenerationQueue
+from services.generation.service import GenerationService
 from services.image_delivery import ImageDelivery
 from services.jobs import JobService
 from services.metrics import Metrics

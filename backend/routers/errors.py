@@ -20,8 +20,8 @@ from services.generation.base import (
     GeneratorUnavailableError,
     ProviderError,
 )
-from services.generation_records import GenerationNotFoundError, StoredGenerationFailedError
-from services.generations import GenerationFinishedError, WebhooksDisabledError
+from services.generation.records import GenerationNotFoundError, StoredGenerationFailedError
+from services.generation.service import GenerationFinishedError, WebhooksDisabledError
 from services.idempotency import IdempotencyKeyError
 from services.image_files import UnsupportedImageError
 from services.jobs import JobExistsError

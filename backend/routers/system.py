@@ -49,10 +49,12 @@ async def health() -> Health:
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
 async def ready(policy: GenerationPolicyDep, assets: AssetsDep) -> JSONResponse:
-    """Readiness probe: a generator can run (model loaded, or Replicate configured) and the
-    storage answers; 503 listing what is missing otherwise. A server that works but keeps
-    running out of GPU memory answers 200 `degraded`, with warnings."""
-    problems = await policy.readiness_problems()
+    """Readiness probe: a generator can run (worker tier ready, model loaded, or Replicate
+    configured) and the storage answers; 503 listing what is missing otherwise. A server that
+    works but falls back (worker tier down, GPU out of memory again and again) answers 200
+    `degraded`, with warnings."""
+    readiness = await policy.readiness()
+    problems = readiness.problems
     storage = assets.storage
     if isinstance(storage, ChecksHealth):
         try:
@@ -62,10 +64,10 @@ async def ready(policy: GenerationPolicyDep, assets: AssetsDep) -> JSONResponse:
             problems.append(f"storage: no answer within {STORAGE_CHECK_SECONDS:g} s")
         except Exception as error:
             problems.append(f"storage: {error}")
-    warnings = policy.readiness_warnings()
+    warnings = readiness.warnings
     if problems:
-        readiness = Readiness(status="not ready", problems=problems, warnings=warnings)
-        return JSONResponse(readiness.model_dump(), 503)
+        reply = Readiness(status="not ready", problems=problems, warnings=warnings)
+        return JSONResponse(reply.model_dump(), 503)
     status = "degraded" if warnings else "ready"
     return JSONResponse(Readiness(status=status, problems=[], warnings=warnings).model_dump())
 

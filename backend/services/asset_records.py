@@ -25,7 +25,7 @@ class GenerationDetails(BaseModel):
     negative_prompt: str | None = None
     seed: int | None = None
     model: str | None = None
-    backend: Literal["local", "replicate", "upload"] | None = None
+    backend: Literal["worker", "local", "replicate", "upload"] | None = None
     fallback_reason: str | None = None
 
 

@@ -35,9 +35,8 @@ from services.generation.base import (
     GenerationRequest,
     GenerationResult,
 )
-from services.generation.local_diffusers import load_pipeline
-from services.generation.policy import GenerationPolicy
-from services.image_generation import build_generation_policy
+from services.generation.diffusion import load_pipeline
+from services.generation.policy import GenerationPolicy, build_generation_policy
 from services.storage.s3 import make_s3_client
 from services.storage_backend import StorageBackend, get_storage_backend
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import ApiHarness, BlockingGenerator
 from receivers import webhook_receiver
 from services.generation.base import GenerationTimeoutError
-from services.generation.local_diffusers import load_pipeline
-from services.generation_records import GenerationRecord, active_prefix, generation_key
+from services.generation.diffusion import load_pipeline
+from services.generation.records import GenerationRecord, active_prefix, generation_key
 from services.webhooks import verify_webhook
 
 JOBS = "/api/mv/character_reference_jobs"

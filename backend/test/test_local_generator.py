@@ -17,7 +17,8 @@ from services.generation.base import (
     GeneratorFailedError,
     OutOfMemoryError,
 )
-from services.generation.local_diffusers import DiffusersGenerator, load_pipeline, profile_for
+from services.generation.diffusion import load_pipeline, profile_for
+from services.generation.generators.local import DiffusersGenerator
 
 PROMPT = "a silver metallic humanoid robot with a red shield"
 

@@ -16,7 +16,7 @@ from config import SettingsError, load_settings
 from conftest import ApiHarness, BlockingGenerator, image_bytes
 from fake_replicate import FakeReplicate
 from observability import JsonFormatter
-from services.generation.local_diffusers import load_pipeline
+from services.generation.diffusion import load_pipeline
 
 GENERATE = "/api/mv/generate_character_reference"
 JOBS = "/api/mv/character_reference_jobs"

@@ -9,7 +9,7 @@ import pytest
 
 from fake_replicate import DELIVERY, FakeReplicate, png_bytes
 from services.generation.base import GenerationRequest, ProviderError
-from services.generation.replicate_api import (
+from services.generation.generators.replicate import (
     ReplicateGenerator,
     is_delivery_url,
     parse_retry_after,

@@ -1,13 +1,25 @@
-"""The generation policy: which generator runs a request, the fallback, and the deadline."""
+"""The generation policy: which generator runs a request, the fallback, and the deadline.
+
+`build_generation_policy(settings)` wires the generators IMAGE_GENERATOR enables:
+- auto: the worker tier when WORKER_URL is set, then the local pipeline (when CUDA is present,
+  or LOCAL_DEVICE=cpu), then Replicate when a token is set; a generator that is unavailable or
+  fails hands the request to the next one, and the reason is reported.
+- worker / local / replicate: only that one.
+A worker tier that sheds load is a 429, or, with OVERFLOW_TO_REPLICATE, a run on Replicate.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import httpx
+
+from config import Settings
 from mv.character_reference import GeneratorName
 from services.generation.base import (
+    GenerationBusyError,
     GenerationProgress,
     GenerationRequest,
     GenerationResult,
@@ -18,17 +30,26 @@ from services.generation.base import (
     ImageGenerator,
     OutOfMemoryError,
 )
+from services.generation.diffusion import PipelineLoader, load_pipeline
+from services.generation.generators.local import DiffusersGenerator
+from services.generation.generators.replicate import ReplicateGenerator
+from services.generation.generators.worker import WorkerGenerator
 
-PolicyMode = Literal["auto", "local", "replicate"]
+PolicyMode = Literal["auto", "worker", "local", "replicate"]
+AUTO_ORDER: tuple[GeneratorName, ...] = ("worker", "local", "replicate")
 
 # After this many out-of-memory failures in a row, readiness reports the generator as degraded.
 OUT_OF_MEMORY_WARNING_AFTER = 3
 
 _HOW_TO_ENABLE = {
+    "worker": "set WORKER_URL (and WORKER_TOKEN) to a worker tier started with make worker",
     "local": "run on a machine with CUDA, or set LOCAL_DEVICE=cpu with a LOCAL_MODEL_ID "
     "small enough for the CPU",
     "replicate": "set REPLICATE_API_TOKEN",
 }
+# A worker tier that cannot take requests is an outage worth a warning even while another
+# generator serves; a local model that cannot run on this machine is its configuration.
+_WARN_WHEN_SKIPPED: frozenset[GeneratorName] = frozenset({"worker"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +58,15 @@ class PolicyOutcome:
 
     result: GenerationResult
     fallback_reason: str | None
+
+
+@dataclass(slots=True)
+class Readiness:
+    """Why no generator can take a request (empty when one can), and what works but is not
+    as configured."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class GenerationPolicy:
@@ -51,10 +81,12 @@ class GenerationPolicy:
         generators: dict[GeneratorName, ImageGenerator],
         *,
         timeout_seconds: float = 300.0,
+        overflow_to_replicate: bool = False,
     ) -> None:
         self.mode = mode
         self.generators = generators
         self.timeout_seconds = timeout_seconds
+        self.overflow_to_replicate = overflow_to_replicate
         # Consecutive out-of-memory failures per generator; a success resets the count.
         self._out_of_memory: dict[GeneratorName, int] = {}
 
@@ -73,21 +105,26 @@ class GenerationPolicy:
         return {
             "mode": self.mode,
             "timeout_seconds": self.timeout_seconds,
+            "overflow_to_replicate": self.overflow_to_replicate,
             "generators": {name: g.describe() for name, g in self.generators.items()},
         }
 
     def _order(self, requested: GeneratorName | None) -> list[GeneratorName]:
         if requested is not None:
             return [requested]
-        return ["local", "replicate"] if self.mode == "auto" else [self.mode]
+        if self.mode != "auto":
+            return [self.mode]
+        # The worker tier is part of `auto` only where WORKER_URL names one.
+        return [name for name in AUTO_ORDER if name != "worker" or name in self.generators]
 
-    async def readiness_problems(self) -> list[str]:
-        """Why no generator could take a request now; empty when one can.
+    async def readiness(self) -> Readiness:
+        """Whether a generator can take a request now, and what needs an operator's eye.
 
         A local model still loading counts as a problem: the server is not ready until it is
-        loaded, or until Replicate is configured as well.
+        loaded, or until another generator can serve.
         """
         problems: list[str] = []
+        outages: list[str] = []
         for name in self._order(None):
             generator = self.generators.get(name)
             if generator is None:
@@ -99,9 +136,12 @@ class GenerationPolicy:
                 continue
             reason = await generator.unavailable_reason()
             if reason is None:
-                return []
+                fallback = [f"{outage}; requests fall back to {name}" for outage in outages]
+                return Readiness([], fallback + self._out_of_memory_warnings())
             problems.append(f"{name}: {reason}")
-        return problems
+            if name in _WARN_WHEN_SKIPPED:
+                outages.append(problems[-1])
+        return Readiness(problems, self._out_of_memory_warnings())
 
     def refusal(self, requested: GeneratorName) -> str | None:
         """Why a request naming `requested` can never run on this server; None if it can."""
@@ -119,8 +159,7 @@ class GenerationPolicy:
         if requested is not None and (refusal := self.refusal(requested)) is not None:
             raise GeneratorNotOfferedError(refusal)
 
-    def readiness_warnings(self) -> list[str]:
-        """What works but needs an operator's eye: a generator that keeps running out of memory."""
+    def _out_of_memory_warnings(self) -> list[str]:
         warnings = []
         for name, failures in self._out_of_memory.items():
             if failures >= OUT_OF_MEMORY_WARNING_AFTER:
@@ -167,6 +206,12 @@ class GenerationPolicy:
             is_last = index == len(order) - 1
             try:
                 result = await generator.generate(request, progress)
+            except GenerationBusyError as error:
+                if not self._overflows(name):
+                    raise
+                reasons.append(f"{name}: {error}; overflow to replicate")
+                overflow = await self.generators["replicate"].generate(request, progress)
+                return PolicyOutcome(overflow, "; ".join(reasons))
             except GeneratorFailedError as error:
                 if isinstance(error, OutOfMemoryError):
                     self._out_of_memory[name] = self._out_of_memory.get(name, 0) + 1
@@ -177,3 +222,45 @@ class GenerationPolicy:
             self._out_of_memory.pop(name, None)
             return PolicyOutcome(result, "; ".join(reasons) or None)
         raise GeneratorUnavailableError("no image generator is available: " + "; ".join(reasons))
+
+    def _overflows(self, name: GeneratorName) -> bool:
+        """Whether a request `name` sheds goes to Replicate (OVERFLOW_TO_REPLICATE)."""
+        return self.overflow_to_replicate and name != "replicate" and "replicate" in self.generators
+
+
+def build_generation_policy(
+    settings: Settings,
+    *,
+    local_loader: PipelineLoader = load_pipeline,
+    replicate_transport: httpx.AsyncBaseTransport | None = None,
+    worker_transport: httpx.AsyncBaseTransport | None = None,
+) -> GenerationPolicy:
+    """The generators IMAGE_GENERATOR enables, behind the policy (nothing is loaded yet)."""
+    mode = settings.image_generator
+    generators: dict[GeneratorName, ImageGenerator] = {}
+    if mode in ("auto", "worker") and settings.worker_url is not None:
+        token = settings.worker_token
+        generators["worker"] = WorkerGenerator(
+            settings.worker_url,
+            token.get_secret_value() if token is not None else None,
+            transport=worker_transport,
+        )
+    if mode in ("auto", "local"):
+        generators["local"] = DiffusersGenerator(
+            settings.local_model_id, settings.local_device, loader=local_loader
+        )
+    token = settings.replicate_api_token
+    overflow = mode == "worker" and settings.overflow_to_replicate
+    if (mode in ("auto", "replicate") or overflow) and token is not None:
+        generators["replicate"] = ReplicateGenerator(
+            token.get_secret_value(),
+            settings.replicate_model,
+            max_attempts=settings.replicate_max_attempts,
+            transport=replicate_transport,
+        )
+    return GenerationPolicy(
+        mode,
+        generators,
+        timeout_seconds=settings.generation_timeout_seconds,
+        overflow_to_replicate=settings.overflow_to_replicate,
+    )

@@ -30,7 +30,7 @@ from services.generation.base import (
     GenerationCanceledError,
     GenerationProgress,
 )
-from services.generation_records import (
+from services.generation.records import (
     GENERATIONS_PREFIX,
     GenerationRecord,
     GenerationRecordStore,

@@ -18,8 +18,8 @@ from services.generation.base import (
     GenerationError,
     GenerationTimeoutError,
 )
-from services.generation_queue import GenerationQueue, LiveGeneration
-from services.generation_records import (
+from services.generation.queue import GenerationQueue, LiveGeneration
+from services.generation.records import (
     GenerationNotFoundError,
     GenerationRecord,
     StoredGenerationFailedError,

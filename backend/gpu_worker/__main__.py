@@ -1,0 +1,87 @@
+"""`make worker`: the worker tier on this machine, until Ctrl-C.
+
+    cd backend && python -m gpu_worker [--host 127.0.0.1]
+
+Starts a single-node Ray cluster (or joins the one RAY_ADDRESS names), deploys the worker
+app with the configured model on Serve's HTTP proxy at WORKER_PORT, and prints the settings
+the API needs. Without WORKER_TOKEN it makes one for this run and prints it. Ctrl-C (or
+SIGTERM) removes the app and, when this command started the cluster, shuts Serve and Ray
+down, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import threading
+
+from config import SettingsError, load_settings
+
+APP_NAME = "gpu-worker"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker tier in the foreground; the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="where Serve's proxy listens")
+    options = parser.parse_args(argv)
+    if not os.environ.get("WORKER_TOKEN", "").strip():
+        # Made before the settings are read, so the app and the line printed below agree.
+        os.environ["WORKER_TOKEN"] = secrets.token_urlsafe(24)
+    try:
+        settings = load_settings()
+        from gpu_worker.app import build_app
+
+        application = build_app()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        if settings.local_device != "cpu" and not ray.cluster_resources().get("GPU"):
+            print(
+                f"error: LOCAL_DEVICE={settings.local_device} needs a GPU and this Ray cluster has "
+                "none; set LOCAL_DEVICE=cpu with a model small enough for CPUs (make tiny-model)",
+                file=sys.stderr,
+            )
+            return 2
+        serve.start(http_options={"host": options.host, "port": settings.worker_port})
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/")
+        except RuntimeError as error:  # the replicas could not start (the model did not load)
+            print(f"error: the worker app did not start: {error}", file=sys.stderr)
+            return 1
+        url = f"http://{options.host}:{settings.worker_port}"
+        token = os.environ["WORKER_TOKEN"]
+        print(
+            f"\nworker tier ready at {url} ({settings.local_model_id} on {settings.local_device})"
+        )
+        print("run the API against it (another terminal):")
+        print(
+            f"  IMAGE_GENERATOR=worker WORKER_URL={url} WORKER_TOKEN={token} make run\n", flush=True
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("stopping the worker tier", file=sys.stderr)
+        if address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

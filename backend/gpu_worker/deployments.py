@@ -1,0 +1,291 @@
+"""The worker app's two Serve deployments, behind Serve's HTTP proxy.
+
+- WorkerIngress (CPU, any number): the internal HTTP API of `worker_protocol`: the token
+  check, /health, /ready, and POST /generate, which relays a request's events as NDJSON and
+  answers 429 with Retry-After when Serve sheds the request (`max_queued_requests`).
+- DiffusionWorker (one per GPU): loads the pipeline once with the code the in-process
+  generator runs (`services.generation.diffusion`), batches requests across callers with
+  `@serve.batch` (counted in images, a request's images never split), runs requests of one
+  call shape in one pipeline call, and encodes the images.
+
+A caller that goes away cancels its request: Serve cancels the handle call, the request is
+marked canceled, and the pipeline stops at its next step when no other request shares the
+call (the others' images are still made; the canceled one's are discarded).
+"""
+
+# No `from __future__ import annotations` here: @serve.ingress hands the route methods to
+# FastAPI outside this module, where string annotations would no longer resolve.
+import asyncio
+import hmac
+import math
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from services.generation.base import (
+    GenerationCanceledError,
+    GenerationError,
+    GenerationRequest,
+    OutOfMemoryError,
+)
+from services.generation.diffusion import CallShape, DeviceSetting, DiffusionModel, brief
+from services.generation.worker_protocol import (
+    NDJSON,
+    TOKEN_HEADER,
+    Accepted,
+    Done,
+    EncodedImage,
+    Failed,
+    Progress,
+    WorkerGenerateRequest,
+    encode_event,
+)
+from services.image_files import encode_image, identify_image
+
+READY_TIMEOUT_SECONDS = 5.0
+DEFAULT_RETRY_AFTER_SECONDS = 2.0
+ENCODER_THREADS = 4
+
+Event = Accepted | Progress | EncodedImage | Done | Failed
+# What one step of a batch hands each caller: its new events, or the end of its stream.
+Delivery = list[Event] | type[StopAsyncIteration]
+
+
+@dataclass(eq=False)
+class BatchJob:
+    """One caller's request inside the replica, and whether that caller went away."""
+
+    request: GenerationRequest
+    shape: CallShape
+    canceled: threading.Event = field(default_factory=threading.Event)
+
+
+def images_in(jobs: Sequence[BatchJob]) -> int:
+    """A batch's size for @serve.batch: the images it holds."""
+    return sum(job.request.num_images for job in jobs)
+
+
+class BatchConfig(BaseModel):
+    """The replica's `user_config`: batching, changeable without a restart."""
+
+    max_batch_images: int = 4
+    batch_wait_seconds: float = 0.1
+
+
+@serve.deployment(max_ongoing_requests=8, max_queued_requests=16)
+class DiffusionWorker:
+    """One pipeline per replica; see the module docstring."""
+
+    def __init__(self, model_id: str, device: DeviceSetting) -> None:
+        # Loading before the replica takes traffic: a replica answers only once it can serve.
+        self.model = DiffusionModel.load(model_id, device)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.batch = BatchConfig()
+        # The pipeline belongs to one thread; encoding runs beside it, on others.
+        self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new batch size and wait (Serve calls this with the deployment's user_config)."""
+        self.batch = BatchConfig.model_validate(user_config)
+        self._generate_batch.set_max_batch_size(self.batch.max_batch_images)
+        self._generate_batch.set_batch_wait_timeout_s(self.batch.batch_wait_seconds)
+
+    def info(self) -> dict[str, Any]:
+        """What this replica runs, for /ready."""
+        return {
+            "model": self.model.model_id,
+            "family": self.model.profile.family,
+            "device": self.model.device,
+            "replica": self.replica,
+            "node": socket.gethostname(),
+            **self.batch.model_dump(),
+        }
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[Event]:
+        """One caller's events: accepted, progress, then its images and done (or an error)."""
+        request = WorkerGenerateRequest.model_validate(payload).generation_request()
+        job = BatchJob(request, self.model.shape(request))
+        yield Accepted(replica=self.replica)
+        try:
+            async for events in self._generate_batch(job):
+                for event in events:
+                    yield event
+        finally:  # finished, failed, or the caller went away (Serve cancels this generator)
+            job.canceled.set()
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.1, batch_size_fn=images_in)
+    async def _generate_batch(self, jobs: list[BatchJob]) -> AsyncIterator[list[Delivery]]:
+        """Run a batch: one pipeline call per call shape, in order of arrival."""
+        for shape in dict.fromkeys(job.shape for job in jobs):
+            group = [job for job in jobs if job.shape == shape and not job.canceled.is_set()]
+            if group:
+                async for deliveries in self._run_call(jobs, group):
+                    yield deliveries
+
+    async def _run_call(
+        self, jobs: list[BatchJob], group: list[BatchJob]
+    ) -> AsyncIterator[list[Delivery]]:
+        """One pipeline call for `group`, relaying its steps; then each job's images."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[Progress] = asyncio.Queue()
+
+        def on_step(step: int, total_steps: int) -> None:  # on the pipeline thread
+            loop.call_soon_threadsafe(
+                steps.put_nowait, Progress(step=step, total_steps=total_steps)
+            )
+            if all(job.canceled.is_set() for job in group):
+                raise GenerationCanceledError("every request of this call was canceled")
+
+        def to_group(events: list[Event]) -> list[Delivery]:
+            return [list(events) if job in group else [] for job in jobs]
+
+        requests = [job.request for job in group]
+        call = loop.run_in_executor(self._pipeline_thread, self.model.run, requests, on_step)
+        while not call.done() or not steps.empty():
+            next_step = asyncio.ensure_future(steps.get())
+            await asyncio.wait({call, next_step}, return_when=asyncio.FIRST_COMPLETED)
+            if next_step.done():
+                yield to_group([next_step.result()])
+            else:
+                next_step.cancel()
+        try:
+            pixels = call.result()
+        except GenerationCanceledError:
+            outcomes: list[list[Event]] = [[] for _ in group]
+        except GenerationError as error:
+            name = "OutOfMemory" if isinstance(error, OutOfMemoryError) else "GeneratorFailed"
+            outcomes = [[Failed(error=name, message=str(error))] for _ in group]
+        else:
+            images = sum(request.num_images for request in requests)
+            finishing = (
+                self._finish(job, job_pixels, images)
+                for job, job_pixels in zip(group, pixels, strict=True)
+            )
+            outcomes = list(await asyncio.gather(*finishing))
+        by_job = dict(zip(group, outcomes, strict=True))
+        yield [by_job.get(job, []) for job in jobs]
+        yield [StopAsyncIteration if job in by_job else [] for job in jobs]
+
+    async def _finish(self, job: BatchJob, pixels: Sequence[Any], batch_images: int) -> list[Event]:
+        """A job's images, encoded in its format on the encoder threads, and its `done`."""
+        if job.canceled.is_set():
+            return []  # its caller went away: nothing to encode or send
+        loop = asyncio.get_running_loop()
+        output_format = job.request.output_format
+        encoded = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._encoders, encode_image, image, output_format)
+                for image in pixels
+            )
+        )
+        events: list[Event] = [
+            EncodedImage(seed=seed, content_type=identify_image(data).content_type, data=data)
+            for seed, data in zip(job.request.seeds, encoded, strict=True)
+        ]
+        parameters = self.model.parameters(job.request, batch_images)
+        events.append(Done(model=self.model.model_id, parameters=parameters))
+        return events
+
+
+api = FastAPI(title="GPU worker tier", description="Internal: generation for API replicas.")
+TokenHeader = Annotated[str | None, Header(alias=TOKEN_HEADER)]
+
+
+def error_reply(status: int, error: str, message: str, **headers: str) -> JSONResponse:
+    """An error in the API's shape, `{"detail": {"error", "message"}}`."""
+    return JSONResponse(
+        {"detail": {"error": error, "message": message}}, status_code=status, headers=headers
+    )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class WorkerIngress:
+    """The worker tier's HTTP API; see the module docstring."""
+
+    def __init__(self, worker: DeploymentHandle, token: str) -> None:
+        self._worker = worker
+        self._token = token.encode()
+        self._recent_seconds: float | None = None
+
+    def _refusal(self, token: str | None) -> JSONResponse | None:
+        if token is not None and hmac.compare_digest(token.encode(), self._token):
+            return None
+        return error_reply(401, "Unauthorized", f"a valid {TOKEN_HEADER} header is required")
+
+    def _retry_after(self) -> str:
+        """About one generation's time: when a place in the queue is likely to free."""
+        return str(math.ceil(self._recent_seconds or DEFAULT_RETRY_AFTER_SECONDS))
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        """Liveness: this ingress replica answers (no token needed)."""
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self, token: TokenHeader = None) -> JSONResponse:
+        """A DiffusionWorker replica with its model loaded answers: what it runs, and where."""
+        if (refusal := self._refusal(token)) is not None:
+            return refusal
+        response = self._worker.info.remote()
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                info = await response
+        except TimeoutError:
+            response.cancel()
+            return error_reply(
+                503, "NotReady", "no worker replica answered (still loading the model?)"
+            )
+        except Exception as error:
+            return error_reply(503, "NotReady", f"no worker replica can serve: {brief(error)}")
+        return JSONResponse({"status": "ready", **info})
+
+    @api.post("/generate")
+    async def generate(self, body: WorkerGenerateRequest, token: TokenHeader = None) -> Any:
+        """Generate `body`: a stream of NDJSON events (see worker_protocol)."""
+        if (refusal := self._refusal(token)) is not None:
+            return refusal
+        stream: DeploymentResponseGenerator = self._worker.options(stream=True).generate.remote(
+            body.model_dump()
+        )
+        try:
+            first = await stream.__anext__()  # `accepted`, once a replica took the request
+        except BackPressureError:
+            return error_reply(
+                429,
+                "WorkerBusy",
+                "every worker replica is busy and the queue is full; retry later",
+                **{"Retry-After": self._retry_after()},
+            )
+        except Exception as error:
+            return error_reply(503, "WorkerUnavailable", f"no worker replica: {brief(error)}")
+        return StreamingResponse(self._relay(first, stream), media_type=NDJSON)
+
+    async def _relay(
+        self, first: Event, stream: DeploymentResponseGenerator
+    ) -> AsyncIterator[bytes]:
+        started = time.monotonic()
+        yield encode_event(first)
+        try:
+            async for event in stream:
+                yield encode_event(event)
+        except Exception as error:  # the replica died mid-generation
+            yield encode_event(
+                Failed(error="WorkerFailed", message=f"a worker replica failed: {brief(error)}")
+            )
+            return
+        elapsed = time.monotonic() - started
+        recent = self._recent_seconds
+        self._recent_seconds = elapsed if recent is None else 0.7 * recent + 0.3 * elapsed

@@ -1,0 +1,263 @@
+"""The local diffusion pipeline: loading, family defaults and batched calls.
+
+One copy of this code serves both places pixels are made: the in-process generator
+(`generators/local.py`) and the GPU worker tier (`gpu_worker/`), so a request gives the same
+pixels wherever it runs. torch and diffusers are imported only when a pipeline is loaded or
+called, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from config import BACKEND_DIR
+from mv.character_reference import image_size
+from services.generation.base import (
+    GenerationCanceledError,
+    GenerationRequest,
+    GeneratorFailedError,
+    OutOfMemoryError,
+)
+
+DeviceSetting = Literal["auto", "cuda", "cpu"]
+PipelineLoader = Callable[[str, str], Any]
+# Called after each denoising step with (steps done, total steps); raising stops the call.
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    """Per-family call defaults; None leaves the pipeline's own default."""
+
+    family: str
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    size_scale: float = 1.0  # times the one-megapixel aspect-ratio table
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def profile_for(pipeline: Any, model_id: str) -> ModelProfile:
+    """The call defaults for the pipeline's model family."""
+    kind = type(pipeline).__name__
+    if kind.startswith("Flux"):
+        transformer = getattr(pipeline, "transformer", None)
+        if transformer is not None and not transformer.config.get("guidance_embeds", False):
+            # Timestep-distilled (schnell): 4 steps, no guidance, 256 T5 tokens.
+            return ModelProfile("flux-schnell", 4, 0.0, extra={"max_sequence_length": 256})
+        return ModelProfile("flux")
+    if "XL" in kind and "turbo" in Path(model_id).name.lower():
+        # Adversarially distilled at 512x512: few steps, no classifier-free guidance.
+        return ModelProfile("sdxl-turbo", 4, 0.0, size_scale=0.5)
+    return ModelProfile(kind)
+
+
+def resolve_model_source(model_id: str) -> str:
+    """A local directory (absolute, or relative to backend/) as an absolute path; else a hub id."""
+    for candidate in (Path(model_id).expanduser(), BACKEND_DIR / model_id):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return model_id
+
+
+def resolve_device(setting: DeviceSetting) -> str:
+    """The torch device LOCAL_DEVICE asks for; GeneratorFailedError saying why when none fits."""
+    import torch
+
+    if setting == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if setting == "cuda":
+        raise GeneratorFailedError("LOCAL_DEVICE=cuda but no CUDA device is available")
+    raise GeneratorFailedError(
+        "no CUDA device (LOCAL_DEVICE=auto); set LOCAL_DEVICE=cpu to run the local model on the CPU"
+    )
+
+
+# Loading creates modules on the meta device by patching torch process-wide (accelerate's
+# init_empty_weights), so two loads at once in one process corrupt each other: one at a time.
+_LOAD_LOCK = threading.Lock()
+
+
+def load_pipeline(model_id: str, device: str) -> Any:
+    """Load `model_id` with AutoPipelineForText2Image: bf16 on CUDA, fp32 on the CPU."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Progress bars are for terminals; the server logs the load instead.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with _LOAD_LOCK:
+        pipeline = AutoPipelineForText2Image.from_pretrained(
+            resolve_model_source(model_id), dtype=dtype
+        )
+    pipeline = pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and return cached CUDA memory to the device."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def brief(error: BaseException) -> str:
+    """The first line of an error, without tracebacks or paths beyond what it says."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class CallShape:
+    """What requests must have in common to share one pipeline call."""
+
+    width: int
+    height: int
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    negative_prompt: bool  # whether the call passes negative prompts
+
+
+class DiffusionModel:
+    """A loaded pipeline with its family defaults; runs batched calls on the caller's thread.
+
+    One call takes the images of one or more requests of the same shape, with one CPU-seeded
+    `torch.Generator` per image, so each seed gives the same image alone or in any batch
+    (within one uint8 level: batched kernels may round differently).
+    """
+
+    def __init__(self, pipeline: Any, model_id: str, device: str) -> None:
+        self.pipeline = pipeline
+        self.model_id = model_id
+        self.device = device
+        self.profile = profile_for(pipeline, model_id)
+        self._takes_negative_prompt = self._negative_prompt_applies()
+
+    @classmethod
+    def load(
+        cls, model_id: str, device: DeviceSetting, loader: PipelineLoader = load_pipeline
+    ) -> DiffusionModel:
+        """Resolve the device and load `model_id`; GeneratorFailedError saying why it cannot."""
+        resolved = resolve_device(device)
+        try:
+            return cls(loader(model_id, resolved), model_id, resolved)
+        except Exception as error:
+            free_accelerator_memory()
+            raise GeneratorFailedError(
+                f"the local model {model_id!r} failed to load: {brief(error)}"
+            ) from error
+
+    def _negative_prompt_applies(self) -> bool:
+        if self.profile.family.startswith("flux"):
+            return False  # guidance-distilled: FLUX has no negative branch at true_cfg 1
+        accepts = "negative_prompt" in inspect.signature(self.pipeline.__call__).parameters
+        guidance = self.profile.guidance_scale
+        return accepts and (guidance is None or guidance > 1)
+
+    def shape(self, request: GenerationRequest) -> CallShape:
+        """The call shape `request` needs; requests of equal shape may share a call."""
+        width, height = image_size(request.aspect_ratio, self.profile.size_scale)
+        return CallShape(
+            width,
+            height,
+            self.profile.num_inference_steps,
+            self.profile.guidance_scale,
+            self._takes_negative_prompt and bool(request.negative_prompt),
+        )
+
+    def call_arguments(self, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
+        """The exact keyword arguments of one pipeline call for `requests` (of one shape)."""
+        import torch
+
+        shapes = {self.shape(request) for request in requests}
+        if len(shapes) != 1:
+            raise ValueError("requests of different shapes cannot share a pipeline call")
+        shape = shapes.pop()
+        arguments: dict[str, Any] = {
+            "prompt": [r.prompt for r in requests for _ in r.seeds],
+            "width": shape.width,
+            "height": shape.height,
+            # CPU generators: the same seed gives the same starting noise on any device.
+            "generator": [
+                torch.Generator("cpu").manual_seed(seed) for r in requests for seed in r.seeds
+            ],
+            "output_type": "pil",
+            **self.profile.extra,
+        }
+        if shape.num_inference_steps is not None:
+            arguments["num_inference_steps"] = shape.num_inference_steps
+        if shape.guidance_scale is not None:
+            arguments["guidance_scale"] = shape.guidance_scale
+        if shape.negative_prompt:
+            arguments["negative_prompt"] = [r.negative_prompt for r in requests for _ in r.seeds]
+        return arguments
+
+    def parameters(self, request: GenerationRequest, batch_images: int) -> dict[str, Any]:
+        """How `request`'s images were made, as replies report it."""
+        shape = self.shape(request)
+        return {
+            "family": self.profile.family,
+            "device": self.device,
+            "width": shape.width,
+            "height": shape.height,
+            "num_inference_steps": shape.num_inference_steps,
+            "guidance_scale": shape.guidance_scale,
+            "negative_prompt_applied": shape.negative_prompt,
+            "batch_images": batch_images,
+        }
+
+    def run(
+        self, requests: Sequence[GenerationRequest], on_step: StepCallback | None = None
+    ) -> list[tuple[Image.Image, ...]]:
+        """One pipeline call for all images of `requests`; each request's images, in order.
+
+        `on_step` may raise GenerationCanceledError to stop the call at that step. Running
+        out of GPU memory frees what it can and raises OutOfMemoryError; any other pipeline
+        failure is a GeneratorFailedError.
+        """
+        import torch
+
+        arguments = self.call_arguments(requests)
+
+        def on_step_end(pipeline: Any, step: int, _: Any, tensors: dict[str, Any]) -> Any:
+            if on_step is not None:
+                on_step(step + 1, int(getattr(pipeline, "num_timesteps", 0) or 0))
+            return tensors
+
+        images = sum(r.num_images for r in requests)
+        try:
+            with torch.inference_mode():
+                output = self.pipeline(**arguments, callback_on_step_end=on_step_end)
+        except GenerationCanceledError:
+            raise
+        except torch.OutOfMemoryError:
+            del arguments
+            free_accelerator_memory()
+            raise OutOfMemoryError(
+                f"the GPU ran out of memory generating {images} image(s) at "
+                f"{self.shape(requests[0]).width}x{self.shape(requests[0]).height}; "
+                "try fewer images"
+            ) from None
+        except Exception as error:
+            raise GeneratorFailedError(f"the local pipeline failed: {brief(error)}") from error
+        pictures = list(output.images)
+        per_request: list[tuple[Image.Image, ...]] = []
+        for request in requests:
+            per_request.append(tuple(pictures[: request.num_images]))
+            del pictures[: request.num_images]
+        return per_request

@@ -7,7 +7,12 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run run-tiny tiny-model test test-integration test-gpu lint bench bench-gpu clean
+# Whatever starts a Ray cluster (the ray-marked tests, the worker benchmarks) runs in a private
+# network namespace with only loopback, where the machine allows one.
+PRIVATE_NETWORK := tools/private_network.sh
+WORKER_HOST ?= 127.0.0.1
+
+.PHONY: run run-tiny tiny-model worker test test-integration test-gpu lint bench bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +22,13 @@ $(VENV)/.runtime-installed: requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.worker-installed: requirements.txt requirements-worker.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements-worker.txt
 	touch $(VENV)/.runtime-installed $@
+
+$(VENV)/.dev-installed: requirements.txt requirements-worker.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $(VENV)/.runtime-installed $(VENV)/.worker-installed $@
 
 run: $(VENV)/.runtime-installed
 	cd backend && ../$(BIN)/python -m uvicorn main:app --host $(HOST) --port $(PORT)
@@ -33,9 +42,14 @@ tiny-model: $(VENV)/.runtime-installed
 run-tiny: tiny-model
 	LOCAL_MODEL_ID=$(CURDIR)/$(TINY_MODEL) LOCAL_DEVICE=cpu $(MAKE) run
 
+# The GPU worker tier (Ray Serve) on this machine, or on the cluster RAY_ADDRESS names; prints
+# the WORKER_URL (and WORKER_TOKEN) for `make run`; Ctrl-C stops it and Ray with it.
+worker: $(VENV)/.worker-installed
+	cd backend && ../$(BIN)/python -m gpu_worker --host $(WORKER_HOST)
+
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
-	cd backend && ../$(BIN)/python -m pytest
+	cd backend && $(PRIVATE_NETWORK) ../$(BIN)/python -m pytest
 
 # Needs STORAGE_BUCKET and AWS credentials in the environment; skipped with a reason otherwise.
 test-integration: $(VENV)/.dev-installed
@@ -52,7 +66,7 @@ lint: $(VENV)/.dev-installed
 # Every benchmark in one run, one table of ratios against baselines measured in the same run
 # (the real-size GPU rows too, when CUDA is present).
 bench: $(VENV)/.dev-installed
-	cd backend && ../$(BIN)/python ../bench/all.py
+	cd backend && $(PRIVATE_NETWORK) ../$(BIN)/python ../bench/all.py
 
 # Real-size FLUX.1-schnell and SDXL-Turbo architectures with random weights; needs CUDA.
 bench-gpu: $(VENV)/.runtime-installed

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from config import MIN_API_KEY_CHARS, SettingsError, load_settings
+from config import MIN_API_KEY_CHARS, Settings, SettingsError, load_settings
 from gpu_worker.deployments import DiffusionWorker, WorkerIngress
 from mv.character_reference import MAX_IMAGES
 from services.generation.diffusion import DeviceSetting
@@ -32,10 +32,16 @@ class WorkerArgs(BaseModel):
     worker_max_queued_requests: int | None = Field(default=None, ge=1, le=10_000)
 
 
-def build_app(args: dict[str, Any] | None = None) -> Application:
-    """The worker app, from the settings and `args`; SettingsError naming what is wrong."""
+def build_app(
+    args: dict[str, Any] | None = None, *, settings: Settings | None = None
+) -> Application:
+    """The worker app, from the settings (the environment's, unless given) and `args` over
+    them; SettingsError naming what is wrong."""
     overrides = WorkerArgs.model_validate(args or {}).model_dump(exclude_none=True)
-    settings = load_settings(**overrides)
+    if settings is None:
+        settings = load_settings(**overrides)
+    else:
+        settings = settings.model_copy(update=overrides)
     if settings.worker_token is None:
         raise SettingsError(
             f"WORKER_TOKEN must be set ({MIN_API_KEY_CHARS}+ characters): API replicas send it "

@@ -18,6 +18,7 @@ call (the others' images are still made; the canceled one's are discarded).
 import asyncio
 import hmac
 import math
+import os
 import socket
 import threading
 import time
@@ -92,6 +93,8 @@ class DiffusionWorker:
         self.model = DiffusionModel.load(model_id, device)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batch = BatchConfig()
+        # Pipeline calls made, and those stopped early because every caller went away.
+        self.calls = {"run": 0, "stopped": 0}
         # The pipeline belongs to one thread; encoding runs beside it, on others.
         self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
@@ -110,6 +113,8 @@ class DiffusionWorker:
             "device": self.model.device,
             "replica": self.replica,
             "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "pipeline_calls": dict(self.calls),
             **self.batch.model_dump(),
         }
 
@@ -152,6 +157,7 @@ class DiffusionWorker:
             return [list(events) if job in group else [] for job in jobs]
 
         requests = [job.request for job in group]
+        self.calls["run"] += 1
         call = loop.run_in_executor(self._pipeline_thread, self.model.run, requests, on_step)
         while not call.done() or not steps.empty():
             next_step = asyncio.ensure_future(steps.get())
@@ -163,6 +169,7 @@ class DiffusionWorker:
         try:
             pixels = call.result()
         except GenerationCanceledError:
+            self.calls["stopped"] += 1
             outcomes: list[list[Event]] = [[] for _ in group]
         except GenerationError as error:
             name = "OutOfMemory" if isinstance(error, OutOfMemoryError) else "GeneratorFailed"
@@ -210,7 +217,8 @@ def error_reply(status: int, error: str, message: str, **headers: str) -> JSONRe
     )
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# An ingress replica only relays streams: it holds many at once, and sheds nothing itself.
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class WorkerIngress:
     """The worker tier's HTTP API; see the module docstring."""

@@ -31,6 +31,9 @@ async def config_debug(
         "local_device": settings.local_device,
         "replicate_model": settings.replicate_model,
         "replicate_configured": settings.replicate_api_token is not None,
+        "worker_url": settings.worker_url,
+        "worker_token_set": settings.worker_token is not None,
+        "overflow_to_replicate": settings.overflow_to_replicate,
         "generation": policy.describe(),
         "queue": {
             "max_queued": queue.max_queued,

@@ -20,6 +20,7 @@ from services.generation.base import (
     GeneratorUnavailableError,
     ProviderError,
 )
+from services.generation.generators.worker import WorkerBusyError
 from services.generation.records import GenerationNotFoundError, StoredGenerationFailedError
 from services.generation.service import GenerationFinishedError, WebhooksDisabledError
 from services.idempotency import IdempotencyKeyError
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 # (error class, HTTP status, error name); the first match wins, so subclasses come first.
 _STATUS: list[tuple[type[Exception], int, str]] = [
+    (WorkerBusyError, 429, "WorkerBusy"),
     (GenerationBusyError, 429, "QueueFull"),
     (GenerationNotFoundError, 404, "NotFound"),
     (GenerationFinishedError, 409, "AlreadyFinished"),

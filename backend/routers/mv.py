@@ -37,7 +37,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "storage unreachable and no local copy"},
 }
 _GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
-    429: {"description": "the generation queue is full; see Retry-After"},
+    429: {"description": "the generation queue (or the worker tier's) is full; see Retry-After"},
     502: {"description": "the provider failed after retries, or sent an unusable image"},
     503: {"description": "no generator is available; the message says what to configure"},
     504: {"description": "generation did not finish within GENERATION_TIMEOUT_SECONDS"},

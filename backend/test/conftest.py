@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -25,7 +26,7 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from config import REPO_ROOT, Settings, load_settings
+from config import BACKEND_DIR, REPO_ROOT, Settings, load_settings
 from fake_replicate import FakeReplicate
 from main import create_app
 from services.asset_persistence import AssetPersistenceService
@@ -331,6 +332,7 @@ def make_api(
         mode: str = "local",
         *,
         replicate: FakeReplicate | None = None,
+        worker: httpx.AsyncBaseTransport | None = None,
         local_loader: Callable[[str, str], Any] = load_pipeline,
         generators: dict[str, Any] | None = None,
         **overrides: Any,
@@ -354,6 +356,7 @@ def make_api(
                 settings,
                 local_loader=local_loader,
                 replicate_transport=replicate.transport() if replicate else None,
+                worker_transport=worker,
             )
         else:
             policy = GenerationPolicy(
@@ -367,3 +370,54 @@ def make_api(
 
     with stack:
         yield factory
+
+
+# ------------------------------------------------------------------ Ray
+
+
+def private_network_problem() -> str | None:
+    """Why a Ray cluster may not start here: it needs a network with nothing but loopback."""
+    names = sorted(name for _, name in socket.if_nameindex())
+    if names == ["lo"]:
+        return None
+    return (
+        "the Ray suite runs only in a private network namespace with nothing but loopback "
+        "(`make test` provides one with unshare -rn where the machine allows it); this "
+        f"namespace has {', '.join(names)}"
+    )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> Iterator[str]:
+    """One Ray cluster per session, with Serve's HTTP proxy on 127.0.0.1; its base URL.
+
+    Skips, saying why, outside a private network namespace. Shut down, every Ray process
+    with it, when the session ends.
+    """
+    if (problem := private_network_problem()) is not None:
+        pytest.skip(problem)
+    import ray
+    from ray import serve
+
+    # Replicas import the backend's modules, and never reach a model hub.
+    env = {"PYTHONPATH": str(BACKEND_DIR), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": env},
+    )
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

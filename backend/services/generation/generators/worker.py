@@ -199,7 +199,7 @@ class WorkerGenerator:
             elif isinstance(event, EncodedImage):
                 images.append(GeneratedImage(seed=event.seed, encoded=event.data))
             elif isinstance(event, Failed):
-                raise _failure(event)
+                raise self._failure(event)
             elif isinstance(event, Done):
                 if [image.seed for image in images] != list(request.seeds):
                     raise WorkerUnavailableError(
@@ -209,16 +209,15 @@ class WorkerGenerator:
                 return GenerationResult(tuple(images), event.model, "worker", parameters)
         raise WorkerUnavailableError(self._stopped())
 
+    def _failure(self, event: Failed) -> GeneratorFailedError:
+        message = f"the worker tier at WORKER_URL={self.url} failed: {event.message}"
+        if event.error == "OutOfMemory":
+            return OutOfMemoryError(message)
+        return GeneratorFailedError(message)
+
     async def aclose(self) -> None:
         """Close the HTTP client."""
         await self._client.aclose()
-
-
-def _failure(event: Failed) -> GeneratorFailedError:
-    message = f"the worker tier failed: {event.message}"
-    if event.error == "OutOfMemory":
-        return OutOfMemoryError(message)
-    return GeneratorFailedError(message)
 
 
 def _detail(reply: httpx.Response) -> str:

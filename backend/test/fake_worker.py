@@ -1,0 +1,75 @@
+"""A fake worker-tier HTTP layer for the real WorkerGenerator, for replies a real worker
+cannot be made to send (a truncated stream, an unreadable event, images for other seeds).
+
+It is an `httpx.MockTransport`: the client's requests, streaming and parsing run for real;
+only the network and the worker are replaced. The normal paths run against the real worker
+app on Ray (test_worker_tier.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+from pydantic import BaseModel
+
+from fake_replicate import png_bytes
+from services.generation.worker_protocol import (
+    NDJSON,
+    TOKEN_HEADER,
+    Accepted,
+    Done,
+    EncodedImage,
+    Progress,
+    encode_event,
+)
+
+TOKEN = "fake-worker-token-0123"
+
+
+def stream(*events: BaseModel | bytes, status: int = 200) -> httpx.Response:
+    """A 200 reply streaming `events` (raw bytes are sent as they are)."""
+    body = b"".join(e if isinstance(e, bytes) else encode_event(e) for e in events)
+    return httpx.Response(status, headers={"content-type": NDJSON}, content=body)
+
+
+def good_events(body: dict, total_steps: int = 4) -> list[BaseModel]:
+    """What a worker sends for `body`: accepted, every step, one PNG per seed, done."""
+    events: list[BaseModel] = [Accepted(replica="fake-replica")]
+    events += [Progress(step=s, total_steps=total_steps) for s in range(1, total_steps + 1)]
+    events += [
+        EncodedImage(seed=seed, content_type="image/png", data=png_bytes(seed))
+        for seed in body["seeds"]
+    ]
+    events.append(Done(model="fake/model", parameters={"batch_images": len(body["seeds"])}))
+    return events
+
+
+@dataclass
+class FakeWorker:
+    """Scriptable: /ready's status, and replies to /generate consumed in order (then good)."""
+
+    token: str = TOKEN
+    ready_status: int = 200
+    replies: list[Callable[[dict], httpx.Response]] = field(default_factory=list)
+    generate_calls: int = 0
+
+    def transport(self) -> httpx.MockTransport:
+        """The transport to hand to the generator."""
+        return httpx.MockTransport(self._handle)
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        if request.headers.get(TOKEN_HEADER) != self.token:
+            return httpx.Response(401, json={"detail": {"error": "Unauthorized", "message": "x"}})
+        if request.url.path.endswith("/ready"):
+            if self.ready_status != 200:
+                detail = {"error": "NotReady", "message": "no worker replica answered"}
+                return httpx.Response(self.ready_status, json={"detail": detail})
+            return httpx.Response(200, json={"status": "ready", "model": "fake/model"})
+        self.generate_calls += 1
+        body = json.loads(request.content)
+        if self.replies:
+            return self.replies.pop(0)(body)
+        return stream(*good_events(body))

@@ -54,7 +54,9 @@ from services.generation.worker_protocol import (
 )
 from services.image_files import encode_image, identify_image
 
-READY_TIMEOUT_SECONDS = 5.0
+# A replica with a free place answers /ready's question at once; one with none would make it
+# wait behind generations, so after this long the controller is asked instead.
+INFO_TIMEOUT_SECONDS = 1.0
 DEFAULT_RETRY_AFTER_SECONDS = 2.0
 ENCODER_THREADS = 4
 
@@ -227,15 +229,18 @@ class WorkerIngress:
         self._worker = worker
         self._token = token.encode()
         self._recent_seconds: float | None = None
+        self._info: dict[str, Any] = {}  # what a worker replica last said of itself
 
     def _refusal(self, token: str | None) -> JSONResponse | None:
         if token is not None and hmac.compare_digest(token.encode(), self._token):
             return None
         return error_reply(401, "Unauthorized", f"a valid {TOKEN_HEADER} header is required")
 
-    def _retry_after(self) -> str:
-        """About one generation's time: when a place in the queue is likely to free."""
-        return str(math.ceil(self._recent_seconds or DEFAULT_RETRY_AFTER_SECONDS))
+    def _retry_after(self, configured: float | None) -> str:
+        """The deployment's backpressure_config.retry_after_s when set; else about one
+        generation's time, when a place in the queue is likely to free."""
+        seconds = configured or self._recent_seconds or DEFAULT_RETRY_AFTER_SECONDS
+        return str(max(1, math.ceil(seconds)))
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -244,21 +249,34 @@ class WorkerIngress:
 
     @api.get("/ready")
     async def ready(self, token: TokenHeader = None) -> JSONResponse:
-        """A DiffusionWorker replica with its model loaded answers: what it runs, and where."""
+        """A DiffusionWorker replica with its model loaded answers: what it runs, and where.
+        `busy` (still 200) when every replica is occupied: that is load, not an outage."""
         if (refusal := self._refusal(token)) is not None:
             return refusal
-        response = self._worker.info.remote()
+        response = None
         try:
-            async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-                info = await response
-        except TimeoutError:
-            response.cancel()
+            response = self._worker.info.remote()
+            async with asyncio.timeout(INFO_TIMEOUT_SECONDS):
+                self._info = await response
+        except (TimeoutError, BackPressureError) as error:
+            if isinstance(error, TimeoutError) and response is not None:
+                response.cancel()  # (a shed request has nothing left to cancel)
+            running = await asyncio.to_thread(self._running_worker_replicas)
+            if running:
+                return JSONResponse({**self._info, "status": "busy", "running_replicas": running})
             return error_reply(
-                503, "NotReady", "no worker replica answered (still loading the model?)"
+                503, "NotReady", "no worker replica is running (still loading the model?)"
             )
         except Exception as error:
             return error_reply(503, "NotReady", f"no worker replica can serve: {brief(error)}")
-        return JSONResponse({"status": "ready", **info})
+        return JSONResponse({"status": "ready", **self._info})
+
+    @staticmethod
+    def _running_worker_replicas() -> int:
+        """How many DiffusionWorker replicas of this app Serve runs (asks the controller)."""
+        app = serve.status().applications.get(serve.get_replica_context().app_name)
+        deployment = app.deployments.get(DiffusionWorker.name) if app else None
+        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
 
     @api.post("/generate")
     async def generate(self, body: WorkerGenerateRequest, token: TokenHeader = None) -> Any:
@@ -270,12 +288,12 @@ class WorkerIngress:
         )
         try:
             first = await stream.__anext__()  # `accepted`, once a replica took the request
-        except BackPressureError:
+        except BackPressureError as error:
             return error_reply(
                 429,
                 "WorkerBusy",
                 "every worker replica is busy and the queue is full; retry later",
-                **{"Retry-After": self._retry_after()},
+                **{"Retry-After": self._retry_after(error.retry_after_s)},
             )
         except Exception as error:
             return error_reply(503, "WorkerUnavailable", f"no worker replica: {brief(error)}")

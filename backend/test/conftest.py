@@ -364,8 +364,9 @@ def make_api(
                 generators,
                 timeout_seconds=settings.generation_timeout_seconds,
             )
-        stack.callback(lambda: asyncio.run(policy.aclose()))  # after the app has stopped
         client = stack.enter_context(TestClient(create_app(settings, generation_policy=policy)))
+        # Closed on the app's event loop, whose connections its HTTP clients hold.
+        stack.callback(lambda: client.portal.call(policy.aclose))
         return ApiHarness(client, settings, s3, replicate)
 
     with stack:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from config import SettingsError
+from config import BACKEND_DIR, SettingsError
 from conftest import ApiHarness, free_port
 from fake_replicate import FakeReplicate, png_bytes
 from fake_worker import TOKEN, FakeWorker, good_events, stream
@@ -269,3 +269,28 @@ def test_a_worker_that_keeps_running_out_of_memory_makes_ready_degraded(
     ready = api.client.get("/ready").json()
     assert ready["status"] == "degraded"
     assert ready["warnings"] == ["worker: out of memory on the last 3 generations; requests fail"]
+
+
+def test_the_serve_config_file_deploys_the_worker_app(make_settings: Callable[..., object]) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from gpu_worker.app import build_app
+    from gpu_worker.deployments import BatchConfig, DiffusionWorker, WorkerIngress
+
+    raw = yaml.safe_load((BACKEND_DIR / "gpu_worker" / "serve_config.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    (application,) = config.applications
+    assert application.import_path == "gpu_worker.app:build_app"
+    build_app(application.args, settings=make_settings(worker_token=TOKEN))  # args accepted
+    deployments = {deployment.name: deployment for deployment in application.deployments}
+    assert set(deployments) == {DiffusionWorker.name, WorkerIngress.name}
+    worker = deployments[DiffusionWorker.name]
+    assert worker.ray_actor_options.num_gpus == 1
+    assert worker.max_queued_requests > 0
+    autoscaling = dict(worker.autoscaling_config)
+    assert autoscaling["min_replicas"] >= 1 and autoscaling["max_replicas"] > 1
+    assert autoscaling["target_ongoing_requests"] > 0
+    batch = BatchConfig.model_validate(worker.user_config)
+    assert batch.max_batch_images >= 4 and batch.batch_wait_seconds > 0
+    assert config.http_options.port == 8001

@@ -101,7 +101,12 @@ class Settings(BaseSettings):
     instance_name: str = Field(default_factory=_default_instance_name)
 
     @field_validator(
-        "storage_bucket", "aws_endpoint_url", "public_base_url", "worker_url", mode="before"
+        "storage_bucket",
+        "aws_endpoint_url",
+        "public_base_url",
+        "worker_url",
+        "generation_workers",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

@@ -1,7 +1,7 @@
 """The worker app's two Serve deployments, behind Serve's HTTP proxy.
 
 - WorkerIngress (CPU, any number): the internal HTTP API of `worker_protocol`: the token
-  check, /health, /ready, and POST /generate, which relays a request's events as NDJSON and
+  check, /health, /ready, and POST /generate, which relays a request's event stream and
   answers 429 with Retry-After when Serve sheds the request (`max_queued_requests`).
 - DiffusionWorker (one per GPU): loads the pipeline once with the code the in-process
   generator runs (`services.generation.diffusion`), batches requests across callers with
@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -40,9 +41,16 @@ from services.generation.base import (
     GenerationRequest,
     OutOfMemoryError,
 )
-from services.generation.diffusion import CallShape, DeviceSetting, DiffusionModel, brief
+from services.generation.diffusion import (
+    CallShape,
+    DeviceSetting,
+    DiffusionModel,
+    PipelineLoader,
+    brief,
+    load_pipeline,
+)
 from services.generation.worker_protocol import (
-    NDJSON,
+    STREAM_MEDIA_TYPE,
     TOKEN_HEADER,
     Accepted,
     Done,
@@ -90,9 +98,15 @@ class BatchConfig(BaseModel):
 class DiffusionWorker:
     """One pipeline per replica; see the module docstring."""
 
-    def __init__(self, model_id: str, device: DeviceSetting) -> None:
+    def __init__(
+        self, model_id: str, device: DeviceSetting, loader: PipelineLoader = load_pipeline
+    ) -> None:
         # Loading before the replica takes traffic: a replica answers only once it can serve.
-        self.model = DiffusionModel.load(model_id, device)
+        self.model = DiffusionModel.load(model_id, device, loader)
+        if self.model.device == "cpu":
+            # Ray caps a replica's threads at its logical CPUs; a model on the CPU gets the
+            # node's cores, as the in-process generator does.
+            torch.set_num_threads(os.cpu_count() or 1)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batch = BatchConfig()
         # Pipeline calls made, and those stopped early because every caller went away.
@@ -132,7 +146,14 @@ class DiffusionWorker:
         finally:  # finished, failed, or the caller went away (Serve cancels this generator)
             job.canceled.set()
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.1, batch_size_fn=images_in)
+    # Two batches at a time: the next one's pipeline call queues behind the running one on the
+    # pipeline thread, and runs while the first one's images are encoded.
+    @serve.batch(
+        max_batch_size=4,
+        batch_wait_timeout_s=0.1,
+        max_concurrent_batches=2,
+        batch_size_fn=images_in,
+    )
     async def _generate_batch(self, jobs: list[BatchJob]) -> AsyncIterator[list[Delivery]]:
         """Run a batch: one pipeline call per call shape, in order of arrival."""
         for shape in dict.fromkeys(job.shape for job in jobs):
@@ -160,7 +181,13 @@ class DiffusionWorker:
 
         requests = [job.request for job in group]
         self.calls["run"] += 1
-        call = loop.run_in_executor(self._pipeline_thread, self.model.run, requests, on_step)
+
+        def run() -> list[Any]:  # on the pipeline thread, maybe after another batch's call
+            if all(job.canceled.is_set() for job in group):
+                raise GenerationCanceledError("every request of this call was canceled")
+            return self.model.run(requests, on_step)
+
+        call = loop.run_in_executor(self._pipeline_thread, run)
         while not call.done() or not steps.empty():
             next_step = asyncio.ensure_future(steps.get())
             await asyncio.wait({call, next_step}, return_when=asyncio.FIRST_COMPLETED)
@@ -280,7 +307,7 @@ class WorkerIngress:
 
     @api.post("/generate")
     async def generate(self, body: WorkerGenerateRequest, token: TokenHeader = None) -> Any:
-        """Generate `body`: a stream of NDJSON events (see worker_protocol)."""
+        """Generate `body`: a stream of events, then the images (see worker_protocol)."""
         if (refusal := self._refusal(token)) is not None:
             return refusal
         stream: DeploymentResponseGenerator = self._worker.options(stream=True).generate.remote(
@@ -297,7 +324,7 @@ class WorkerIngress:
             )
         except Exception as error:
             return error_reply(503, "WorkerUnavailable", f"no worker replica: {brief(error)}")
-        return StreamingResponse(self._relay(first, stream), media_type=NDJSON)
+        return StreamingResponse(self._relay(first, stream), media_type=STREAM_MEDIA_TYPE)
 
     async def _relay(
         self, first: Event, stream: DeploymentResponseGenerator

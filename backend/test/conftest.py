@@ -422,3 +422,19 @@ def ray_serve() -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        _no_ray_process_left()
+
+
+def _no_ray_process_left(timeout: float = 30) -> None:
+    """Fail (after killing them) if processes this session's cluster started outlive it."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while left := psutil.Process().children(recursive=True):
+        if time.monotonic() > deadline:
+            names = sorted({process.name() for process in left})
+            for process in left:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            raise AssertionError(f"Ray processes outlived ray.shutdown(): {names}")
+        time.sleep(0.2)

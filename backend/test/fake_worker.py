@@ -13,36 +13,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
-from pydantic import BaseModel
 
 from fake_replicate import png_bytes
 from services.generation.worker_protocol import (
-    NDJSON,
+    STREAM_MEDIA_TYPE,
     TOKEN_HEADER,
     Accepted,
     Done,
     EncodedImage,
     Progress,
+    WorkerEvent,
     encode_event,
 )
 
 TOKEN = "fake-worker-token-0123"
 
 
-def stream(*events: BaseModel | bytes, status: int = 200) -> httpx.Response:
+def stream(*events: WorkerEvent | bytes, status: int = 200) -> httpx.Response:
     """A 200 reply streaming `events` (raw bytes are sent as they are)."""
     body = b"".join(e if isinstance(e, bytes) else encode_event(e) for e in events)
-    return httpx.Response(status, headers={"content-type": NDJSON}, content=body)
+    return httpx.Response(status, headers={"content-type": STREAM_MEDIA_TYPE}, content=body)
 
 
-def good_events(body: dict, total_steps: int = 4) -> list[BaseModel]:
+def good_events(body: dict, total_steps: int = 4) -> list[WorkerEvent]:
     """What a worker sends for `body`: accepted, every step, one PNG per seed, done."""
-    events: list[BaseModel] = [Accepted(replica="fake-replica")]
+    events: list[WorkerEvent] = [Accepted(replica="fake-replica")]
     events += [Progress(step=s, total_steps=total_steps) for s in range(1, total_steps + 1)]
-    events += [
-        EncodedImage(seed=seed, content_type="image/png", data=png_bytes(seed))
-        for seed in body["seeds"]
-    ]
+    events += [EncodedImage(seed, "image/png", png_bytes(seed)) for seed in body["seeds"]]
     events.append(Done(model="fake/model", parameters={"batch_images": len(body["seeds"])}))
     return events
 

@@ -16,7 +16,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from config import BACKEND_DIR, DEFAULT_OUTPUT_DIR, Settings, SettingsError, load_settings
+from config import (
+    BACKEND_DIR,
+    DEFAULT_OUTPUT_DIR,
+    REPO_ROOT,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from conftest import ENV_TEST, StorageHarness, image_bytes, new_bucket_name
 from main import create_app
 from services.storage.s3 import make_s3_client
@@ -88,6 +95,16 @@ def test_env_test_holds_only_test_values() -> None:
     settings = load_settings(_env_file=ENV_TEST)
     assert settings.replicate_api_token is None
     assert settings.storage_backend == "local"
+
+
+def test_env_example_documents_every_setting() -> None:
+    documented = {
+        line.split("=", 1)[0]
+        for line in (REPO_ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert documented == {name.upper() for name in Settings.model_fields}
+    assert load_settings(_env_file=REPO_ROOT / ".env.example")  # and its values are valid
 
 
 def test_health_and_version(make_settings: Callable[..., Settings]) -> None:

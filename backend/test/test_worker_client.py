@@ -8,12 +8,22 @@ from collections.abc import Callable
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from config import BACKEND_DIR, SettingsError
 from conftest import ApiHarness, free_port
 from fake_replicate import FakeReplicate, png_bytes
 from fake_worker import TOKEN, FakeWorker, good_events, stream
-from services.generation.worker_protocol import Accepted, Failed, Progress
+from services.generation.worker_protocol import (
+    Accepted,
+    Done,
+    EncodedImage,
+    EventReader,
+    Failed,
+    Progress,
+    encode_event,
+)
 
 GENERATE = "/api/mv/generate_character_reference"
 BODY = {"character_description": "a silver robot", "num_images": 2, "seed": 3}
@@ -294,3 +304,41 @@ def test_the_serve_config_file_deploys_the_worker_app(make_settings: Callable[..
     batch = BatchConfig.model_validate(worker.user_config)
     assert batch.max_batch_images >= 4 and batch.batch_wait_seconds > 0
     assert config.http_options.port == 8001
+
+
+# ------------------------------------------------------------------ the stream's framing
+
+
+STREAM = [
+    Accepted(replica="r1"),
+    Progress(step=1, total_steps=2),
+    EncodedImage(7, "image/png", png_bytes(7) + b"\n\n{not json}\n"),  # bytes are not lines
+    EncodedImage(8, "image/webp", b"\x00" * 70_000),
+    Done(model="m", parameters={"batch_images": 2}),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=30))
+def test_events_read_the_same_however_the_stream_is_cut(cuts: list[int]) -> None:
+    body = b"".join(encode_event(event) for event in STREAM)
+    reader = EventReader()
+    events = []
+    previous = 0
+    for cut in [*sorted({min(cut, len(body)) for cut in cuts}), len(body)]:
+        events += reader.feed(body[previous:cut])
+        previous = cut
+    assert events == STREAM
+    assert reader.complete
+
+
+def test_a_stream_cut_inside_an_image_is_incomplete() -> None:
+    body = b"".join(encode_event(event) for event in STREAM[:3])
+    reader = EventReader()
+    assert reader.feed(body[:-5]) == STREAM[:2]
+    assert not reader.complete
+
+
+def test_a_line_longer_than_any_event_is_refused() -> None:
+    with pytest.raises(ValueError, match="longer than any event"):
+        EventReader().feed(b"x" * (70 * 1024))

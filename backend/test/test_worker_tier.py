@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,12 @@ from live_server import serve
 from main import create_app
 from services.generation.base import GenerationRequest
 from services.generation.generators.local import DiffusersGenerator
-from services.generation.worker_protocol import TOKEN_HEADER, decode_event
+from services.generation.worker_protocol import (
+    STREAM_MEDIA_TYPE,
+    TOKEN_HEADER,
+    EventReader,
+    WorkerEvent,
+)
 from tools.make_tiny_model import build
 
 pytestmark = pytest.mark.ray
@@ -132,9 +137,20 @@ def pixels(data: bytes | str) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def events_of(reply: httpx.Response) -> list[Any]:
+def events_of(reply: httpx.Response) -> list[WorkerEvent]:
     """Every event of a worker stream, parsed."""
-    return [decode_event(line) for line in reply.iter_lines() if line]
+    reader = EventReader()
+    events = [event for chunk in reply.iter_bytes() for event in reader.feed(chunk)]
+    assert reader.complete
+    return events
+
+
+async def async_events(reply: httpx.Response) -> AsyncIterator[WorkerEvent]:
+    """The events of a worker stream, as they arrive."""
+    reader = EventReader()
+    async for chunk in reply.aiter_bytes():
+        for event in reader.feed(chunk):
+            yield event
 
 
 # --------------------------------------------------------------- the worker app
@@ -143,7 +159,7 @@ def events_of(reply: httpx.Response) -> list[Any]:
 def test_worker_streams_progress_then_encoded_images_then_done(fast_worker: WorkerApp) -> None:
     with fast_worker.stream([5, 6], aspect_ratio="16:9", output_format="webp") as reply:
         assert reply.status_code == 200
-        assert reply.headers["content-type"].startswith("application/x-ndjson")
+        assert reply.headers["content-type"].startswith(STREAM_MEDIA_TYPE)
         events = events_of(reply)
     kinds = [event.event for event in events]
     assert kinds == ["accepted"] + ["progress"] * 4 + ["image", "image", "done"]
@@ -324,13 +340,12 @@ def test_a_canceled_request_sharing_a_call_is_discarded_and_the_others_finish(
             async def keep() -> list[Any]:
                 body = {"prompt": DESCRIPTION, "seeds": [1]}
                 async with c.stream("POST", "/generate", json=body) as reply:
-                    return [decode_event(line) async for line in reply.aiter_lines() if line]
+                    return [event async for event in async_events(reply)]
 
             async def leave() -> int:
                 body = {"prompt": DESCRIPTION, "seeds": [2]}
                 async with c.stream("POST", "/generate", json=body) as reply:
-                    async for line in reply.aiter_lines():
-                        event = decode_event(line)
+                    async for event in async_events(reply):
                         if event.event == "progress" and event.step >= 2:
                             return event.step  # and close the stream: the caller goes away
 

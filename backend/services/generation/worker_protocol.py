@@ -1,15 +1,18 @@
 """The GPU worker tier's internal HTTP API, shared by the API (client) and the worker app.
 
-POST {WORKER_URL}/generate with a WorkerGenerateRequest answers 200 with newline-delimited
-JSON events, in order: `accepted` (a worker replica took the request), `progress` (after each
-denoising step), one `image` per seed, then `done`; or `error` in place of the images. A
-stream that ends without `done` or `error` means the worker failed mid-generation. Closing
-the stream cancels the request. Before the stream starts the worker may answer 401 (token),
-422 (body), 429 with Retry-After (Serve's queue is full) or 503 (no replica can serve).
+POST {WORKER_URL}/generate with a WorkerGenerateRequest answers 200 with a stream of events,
+in order: `accepted` (a worker replica took the request), `progress` (after each denoising
+step), one `image` per seed, then `done`; or `error` in place of the images. Each event is a
+line of JSON; an `image` line carries the image's `size`, and exactly that many bytes of the
+encoded image follow it (raw: no base64 on either side). A stream that ends without `done`
+or `error` means the worker failed mid-generation. Closing the stream cancels the request.
+Before the stream starts the worker may answer 401 (token), 422 (body), 429 with Retry-After
+(Serve's queue is full) or 503 (no replica can serve).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter
@@ -18,7 +21,9 @@ from mv.character_reference import MAX_DESCRIPTION_CHARS, MAX_IMAGES, AspectRati
 from services.generation.base import GenerationRequest
 
 TOKEN_HEADER = "X-Worker-Token"
-NDJSON = "application/x-ndjson"
+STREAM_MEDIA_TYPE = "application/x-mv-worker-events"
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+MAX_LINE_BYTES = 64 * 1024
 MAX_SEED_VALUE = 2**32 - 1
 # The prompt template adds a few hundred characters to a description.
 MAX_PROMPT_CHARS = 2 * MAX_DESCRIPTION_CHARS
@@ -74,15 +79,23 @@ class Progress(BaseModel):
     total_steps: int
 
 
-class EncodedImage(BaseModel):
-    """One finished image, encoded in the requested format (base64 on the wire)."""
+class ImageHeader(BaseModel):
+    """The line before an image's bytes: which seed, what format, how many bytes follow."""
 
     event: Literal["image"] = "image"
     seed: int
     content_type: str
-    data: bytes = Field(description="base64 of the encoded image")
+    size: int = Field(ge=1, le=MAX_IMAGE_BYTES)
 
-    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """One finished image, encoded in the requested format."""
+
+    seed: int
+    content_type: str
+    data: bytes
+    event: Literal["image"] = "image"
 
 
 class Done(BaseModel):
@@ -101,17 +114,56 @@ class Failed(BaseModel):
     message: str
 
 
-WorkerEvent = Annotated[
-    Accepted | Progress | EncodedImage | Done | Failed, Field(discriminator="event")
-]
-WORKER_EVENT = TypeAdapter(WorkerEvent)
+WorkerEvent = Accepted | Progress | EncodedImage | Done | Failed
+_HEADER = TypeAdapter(
+    Annotated[Accepted | Progress | ImageHeader | Done | Failed, Field(discriminator="event")]
+)
 
 
-def encode_event(event: BaseModel) -> bytes:
-    """One NDJSON line."""
+def encode_event(event: WorkerEvent) -> bytes:
+    """An event as the stream carries it: a JSON line, and an image's bytes after its line."""
+    if isinstance(event, EncodedImage):
+        header = ImageHeader(seed=event.seed, content_type=event.content_type, size=len(event.data))
+        return header.model_dump_json().encode() + b"\n" + event.data
     return event.model_dump_json().encode() + b"\n"
 
 
-def decode_event(line: str | bytes) -> Accepted | Progress | EncodedImage | Done | Failed:
-    """Parse one NDJSON line; pydantic.ValidationError when it is not an event."""
-    return WORKER_EVENT.validate_json(line)
+class EventReader:
+    """Splits a worker stream into events, however its bytes are cut into chunks."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._image: ImageHeader | None = None  # read; its bytes are still arriving
+
+    def feed(self, chunk: bytes) -> list[WorkerEvent]:
+        """The events `chunk` completes; ValueError (or pydantic's) on an unreadable line."""
+        self._buffer += chunk
+        events: list[WorkerEvent] = []
+        while True:
+            if self._image is not None:
+                size = self._image.size
+                if len(self._buffer) < size:
+                    return events
+                data = bytes(self._buffer[:size])
+                del self._buffer[:size]
+                events.append(EncodedImage(self._image.seed, self._image.content_type, data))
+                self._image = None
+                continue
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                if len(self._buffer) > MAX_LINE_BYTES:
+                    raise ValueError("an event line is longer than any event")
+                return events
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            if line.strip():
+                event = _HEADER.validate_json(line)
+                if isinstance(event, ImageHeader):
+                    self._image = event
+                else:
+                    events.append(event)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stream so far ends on an event boundary."""
+        return self._image is None and not self._buffer.strip()

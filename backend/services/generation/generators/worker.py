@@ -7,12 +7,12 @@ the progress object, closes the stream, which cancels the request on the worker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Literal
 
 import httpx
-from pydantic import ValidationError
 
 from services.backoff import parse_retry_after
 from services.generation.base import (
@@ -25,21 +25,23 @@ from services.generation.base import (
     OutOfMemoryError,
 )
 from services.generation.worker_protocol import (
-    NDJSON,
+    STREAM_MEDIA_TYPE,
     TOKEN_HEADER,
     Accepted,
     Done,
     EncodedImage,
+    EventReader,
     Failed,
     Progress,
     WorkerGenerateRequest,
-    decode_event,
 )
 
 logger = logging.getLogger(__name__)
 
-# How long a successful readiness check is trusted before the next request checks again.
+# How long a readiness check's answer is trusted before the next request checks again: a
+# success for a while, a failure briefly (requests arriving together share one check).
 READY_TTL_SECONDS = 5.0
+PROBLEM_TTL_SECONDS = 1.0
 DEFAULT_RETRY_AFTER_SECONDS = 2
 
 
@@ -77,7 +79,9 @@ class WorkerGenerator:
             headers=self._headers,
         )
         self._ready_until = 0.0
+        self._problem_until = 0.0
         self._last_problem: str | None = None
+        self._probing = asyncio.Lock()
         self._info: dict[str, Any] = {}
 
     def start(self) -> None:
@@ -101,8 +105,15 @@ class WorkerGenerator:
 
     async def unavailable_reason(self) -> str | None:
         """None when the worker answered /ready recently; else why it cannot take requests."""
-        if time.monotonic() < self._ready_until:
-            return None
+        async with self._probing:  # one check at a time; the others reuse its answer
+            now = time.monotonic()
+            if now < self._ready_until:
+                return None
+            if self._last_problem is not None and now < self._problem_until:
+                return self._last_problem
+            return await self._probe()
+
+    async def _probe(self) -> str | None:
         try:
             reply = await self._client.get(self.url + "/ready", timeout=self._ready_timeout)
         except httpx.HTTPError as error:
@@ -121,6 +132,7 @@ class WorkerGenerator:
     def _problem(self, problem: str) -> str:
         self._last_problem = problem
         self._ready_until = 0.0
+        self._problem_until = time.monotonic() + PROBLEM_TTL_SECONDS
         return problem
 
     def describe(self) -> dict[str, Any]:
@@ -179,35 +191,44 @@ class WorkerGenerator:
     async def _read_events(
         self, reply: httpx.Response, request: GenerationRequest, progress: GenerationProgress
     ) -> GenerationResult:
-        if not reply.headers.get("content-type", "").startswith(NDJSON):
+        if not reply.headers.get("content-type", "").startswith(STREAM_MEDIA_TYPE):
             raise WorkerUnavailableError(f"WORKER_URL={self.url} is not a worker tier")
+        reader = EventReader()
         images: list[GeneratedImage] = []
         replica = None
-        async for line in reply.aiter_lines():
-            if not line:
-                continue
+        async for chunk in reply.aiter_bytes():
             try:
-                event = decode_event(line)
-            except ValidationError:
+                events = reader.feed(chunk)
+            except ValueError:  # pydantic's ValidationError too
                 raise WorkerUnavailableError(
                     f"the worker tier at WORKER_URL={self.url} sent an unreadable event"
                 ) from None
-            if isinstance(event, Accepted):
-                replica = event.replica
-            elif isinstance(event, Progress):
-                progress.advance(event.step, event.total_steps)  # raises once canceled
-            elif isinstance(event, EncodedImage):
-                images.append(GeneratedImage(seed=event.seed, encoded=event.data))
-            elif isinstance(event, Failed):
-                raise self._failure(event)
-            elif isinstance(event, Done):
-                if [image.seed for image in images] != list(request.seeds):
-                    raise WorkerUnavailableError(
-                        f"the worker tier at WORKER_URL={self.url} sent images for other seeds"
-                    )
-                parameters = {**event.parameters, "worker_replica": replica}
-                return GenerationResult(tuple(images), event.model, "worker", parameters)
+            for event in events:
+                if isinstance(event, Accepted):
+                    replica = event.replica
+                elif isinstance(event, Progress):
+                    progress.advance(event.step, event.total_steps)  # raises once canceled
+                elif isinstance(event, EncodedImage):
+                    images.append(GeneratedImage(seed=event.seed, encoded=event.data))
+                elif isinstance(event, Failed):
+                    raise self._failure(event)
+                else:
+                    return self._result(event, images, request, replica)
         raise WorkerUnavailableError(self._stopped())
+
+    def _result(
+        self,
+        done: Done,
+        images: list[GeneratedImage],
+        request: GenerationRequest,
+        replica: str | None,
+    ) -> GenerationResult:
+        if [image.seed for image in images] != list(request.seeds):
+            raise WorkerUnavailableError(
+                f"the worker tier at WORKER_URL={self.url} sent images for other seeds"
+            )
+        parameters = {**done.parameters, "worker_replica": replica}
+        return GenerationResult(tuple(images), done.model, "worker", parameters)
 
     def _failure(self, event: Failed) -> GeneratorFailedError:
         message = f"the worker tier at WORKER_URL={self.url} failed: {event.message}"

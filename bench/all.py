@@ -7,7 +7,11 @@ ratio means the same on any machine:
 - serving: image GETs through the API vs bare Starlette apps, local bytes and 307 redirects;
 - the event loop: /health latency while generations run vs idle;
 - generation: the API end to end vs the bare pipeline (tiny FLUX on the CPU);
-- with CUDA: real-size FLUX.1-schnell and SDXL-Turbo, generator vs bare pipeline.
+- the worker tier: the API in front of the Ray Serve worker app (batching across requests,
+  the worker path's overhead, /health while the worker generates), in a private network
+  namespace (make bench runs it in one);
+- with CUDA: real-size FLUX.1-schnell and SDXL-Turbo, generator vs bare pipeline, and in the
+  worker app at batch 1, 4 and 8.
 For "/s" units higher is better; for "s" and "ms" lower is.
 """
 
@@ -30,6 +34,7 @@ import gpu_generation
 import health_under_load
 import run as storage
 import serving
+import worker_tier
 from report import Row, print_table
 
 
@@ -46,6 +51,7 @@ def main() -> int:
         ("serving", lambda: serving.measure(500 if options.quick else 1000, rounds)),
         ("event loop", lambda: health_under_load.measure(300 if options.quick else 500)),
         ("generation", lambda: generation.measure(rounds)),
+        ("worker tier", lambda: worker_tier.measure(rounds)),
         ("GPU", lambda: gpu_generation.measure(3)),
     ]
     for name, step in steps:

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from config import SettingsError, load_settings
+from config import BACKEND_DIR, SettingsError, load_settings
 
 APP_NAME = "gpu-worker"
 
@@ -44,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    # The replicas import the backend's modules, wherever Ray starts them.
+    runtime_env = {"env_vars": {"PYTHONPATH": str(BACKEND_DIR)}}
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env=runtime_env,
+    )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

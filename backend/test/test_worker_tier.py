@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import pytest
 from PIL import Image
 
 from config import BACKEND_DIR, load_settings
-from conftest import ENV_TEST, ApiHarness, wait_until
+from conftest import ENV_TEST, ApiHarness, free_port, wait_until
 from fake_replicate import FakeReplicate
 from live_server import serve
 from main import create_app
@@ -494,3 +495,53 @@ def test_a_worker_killed_mid_generation_fails_cleanly_and_the_next_request_succe
 def _replica_pid(worker: WorkerApp) -> int | None:
     reply = httpx.get(worker.url + "/ready", headers={TOKEN_HEADER: TOKEN}, timeout=30)
     return reply.json()["pid"] if reply.status_code == 200 else None
+
+
+def _ray_processes() -> set[int]:
+    """Pids of every process of any Ray cluster on this machine."""
+    import psutil
+
+    pids = set()
+    for process in psutil.process_iter(["name", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        ray_worker = command.startswith("ray::") or "ray/_private" in command
+        if ray_worker or process.info["name"] in ("raylet", "gcs_server"):
+            pids.add(process.pid)
+    return pids
+
+
+def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
+    tiny_sdxl_turbo: Path, ray_serve: str
+) -> None:
+    others = _ray_processes()  # the session's own cluster stays
+    env = {
+        **os.environ,
+        "LOCAL_MODEL_ID": str(tiny_sdxl_turbo),
+        "LOCAL_DEVICE": "cpu",
+        "WORKER_PORT": str(free_port()),
+    }
+    env.pop("RAY_ADDRESS", None)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "gpu_worker"],
+        cwd=BACKEND_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        printed = ""
+        deadline = time.monotonic() + 180
+        while "make run" not in printed and time.monotonic() < deadline:
+            printed += command.stdout.readline()  # type: ignore[union-attr]
+        match = re.search(r"WORKER_URL=(\S+) WORKER_TOKEN=(\S+) make run", printed)
+        assert match, printed
+        url, token = match.groups()
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        ready = httpx.get(url + "/ready", headers={TOKEN_HEADER: token}, timeout=30)
+        assert ready.json()["model"] == str(tiny_sdxl_turbo)
+        assert len(token) >= 16  # made for the run, since none was set
+    finally:
+        command.send_signal(signal.SIGINT)
+        assert command.wait(120) == 0
+    wait_until(lambda: not (_ray_processes() - others), timeout=60)

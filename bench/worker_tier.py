@@ -51,7 +51,7 @@ from servers import free_port, start_listening  # noqa: E402
 from config import load_settings  # noqa: E402
 from services.generation.base import GenerationRequest  # noqa: E402
 from services.generation.diffusion import DiffusionModel  # noqa: E402
-from services.generation.worker_protocol import TOKEN_HEADER  # noqa: E402
+from services.generation.worker_protocol import TOKEN_HEADER, Done, EventReader  # noqa: E402
 from tools.make_tiny_model import build  # noqa: E402
 
 GENERATE = "/api/mv/generate_character_reference"
@@ -393,10 +393,13 @@ def direct_worker_requests(url: str, count: int) -> None:
 
     async def one(client: httpx.AsyncClient, seed: int) -> None:
         body = {"prompt": DESCRIPTION, "seeds": [seed]}
+        reader = EventReader()
+        events = []
         async with client.stream("POST", url, json=body) as reply:
             assert reply.status_code == 200
-            lines = [line async for line in reply.aiter_lines() if line]
-        assert '"done"' in lines[-1], lines[-1][:200]
+            async for chunk in reply.aiter_bytes():
+                events += reader.feed(chunk)
+        assert isinstance(events[-1], Done), events[-1]
 
     async def run() -> None:
         async with httpx.AsyncClient(headers={TOKEN_HEADER: TOKEN}, timeout=600) as client:

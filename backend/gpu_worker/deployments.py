@@ -30,11 +30,12 @@ from typing import Annotated, Any
 import torch
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from mv.character_reference import MAX_IMAGES
 from services.generation.base import (
     GenerationCanceledError,
     GenerationError,
@@ -90,8 +91,11 @@ def images_in(jobs: Sequence[BatchJob]) -> int:
 class BatchConfig(BaseModel):
     """The replica's `user_config`: batching, changeable without a restart."""
 
-    max_batch_images: int = 4
-    batch_wait_seconds: float = 0.1
+    model_config = ConfigDict(extra="forbid")
+
+    # At least one request's images: a request's images are never split.
+    max_batch_images: int = Field(default=MAX_IMAGES, ge=MAX_IMAGES, le=64)
+    batch_wait_seconds: float = Field(default=0.1, ge=0, le=10)
 
 
 @serve.deployment(max_ongoing_requests=8, max_queued_requests=16)

@@ -8,7 +8,6 @@ the progress object, closes the stream, which cancels the request on the worker.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any, Literal
 
@@ -35,8 +34,6 @@ from services.generation.worker_protocol import (
     Progress,
     WorkerGenerateRequest,
 )
-
-logger = logging.getLogger(__name__)
 
 # How long a readiness check's answer is trusted before the next request checks again: a
 # success for a while, a failure briefly (requests arriving together share one check).

@@ -52,6 +52,32 @@ def health_latencies(client: httpx.Client, count: int | None, until=None) -> lis
     return latencies
 
 
+def health_while_generating(
+    client: httpx.Client, body: dict, generations: int
+) -> tuple[list[float], float]:
+    """/health latencies while `generations` asynchronous generations of `body` run, and for
+    how many seconds they ran; raises unless they all succeeded."""
+    with httpx.Client(base_url=client.base_url, timeout=300) as submitter:
+        status_urls = [
+            submitter.post("/api/mv/character_reference_jobs", json=body).json()["status_url"]
+            for _ in range(generations)
+        ]
+
+        def all_finished() -> bool:
+            statuses = [submitter.get(url).json()["status"] for url in status_urls]
+            return all(status in ("succeeded", "failed", "canceled") for status in statuses)
+
+        started = time.perf_counter()
+        loaded: list[float] = []
+        while not all_finished():
+            loaded += health_latencies(client, 50)
+        busy_seconds = time.perf_counter() - started
+        outcomes = [submitter.get(url).json()["status"] for url in status_urls]
+    if any(outcome != "succeeded" for outcome in outcomes):
+        raise RuntimeError(f"the load generations did not all succeed: {outcomes}")
+    return loaded, busy_seconds
+
+
 def measure(idle_requests: int = 500, generations: int = 4) -> list[Row]:
     """Start the server, measure both phases; /health p50 and p99 under load against idle."""
 
@@ -89,31 +115,11 @@ def measure(idle_requests: int = 500, generations: int = 4) -> list[Row]:
                 time.sleep(0.2)
             client.post("/api/mv/generate_character_reference", json=BODY)  # warm-up
             idle = health_latencies(client, idle_requests)
-
-            with httpx.Client(base_url=client.base_url, timeout=120) as submitter:
-                status_urls = [
-                    submitter.post("/api/mv/character_reference_jobs", json=BODY).json()[
-                        "status_url"
-                    ]
-                    for _ in range(generations)
-                ]
-
-                def all_finished() -> bool:
-                    statuses = [submitter.get(url).json()["status"] for url in status_urls]
-                    return all(status in ("succeeded", "failed") for status in statuses)
-
-                started = time.perf_counter()
-                loaded: list[float] = []
-                while not all_finished():
-                    loaded += health_latencies(client, 50)
-                busy_seconds = time.perf_counter() - started
-                outcomes = [submitter.get(url).json()["status"] for url in status_urls]
+            loaded, busy_seconds = health_while_generating(client, BODY, generations)
     finally:
         server.terminate()
         server.wait(30)
 
-    if any(outcome != "succeeded" for outcome in outcomes):
-        raise RuntimeError(f"the load generations did not all succeed: {outcomes}")
     note = f"{len(loaded)} requests over {busy_seconds:.0f} s of {generations} generations"
     return [
         Row(

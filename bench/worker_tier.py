@@ -32,8 +32,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BACKEND_DIR))
 sys.path.insert(0, str(BENCH_DIR))
 
-from health_under_load import health_latencies, percentile  # noqa: E402
+from health_under_load import health_latencies, health_while_generating, percentile  # noqa: E402
 from report import Row, print_table  # noqa: E402
 from servers import free_port, start_listening  # noqa: E402
 
@@ -64,27 +64,19 @@ def private_network() -> bool:
     return [name for _, name in socket.if_nameindex()] == ["lo"]
 
 
-@contextmanager
-def ray_cluster() -> Iterator[str]:
+def ray_cluster() -> AbstractContextManager[str]:
     """A single-node Ray cluster with Serve's proxy on 127.0.0.1; its base URL."""
-    import ray
-    from ray import serve
+    from gpu_worker.cluster import serve_on_ray
 
-    paths = os.pathsep.join([str(BACKEND_DIR), str(BENCH_DIR)])
-    env = {"PYTHONPATH": paths, "HF_HUB_OFFLINE": "1", "DIFFUSERS_VERBOSITY": "error"}
-    ray.init(
-        include_dashboard=False,
+    quiet = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_VERBOSITY": "error"}
+    return serve_on_ray(
+        "127.0.0.1",
+        free_port(),
+        import_paths=[BENCH_DIR],  # the GPU rows' loader lives here
+        env_vars=quiet,
         logging_level="ERROR",
         log_to_driver=False,
-        runtime_env={"env_vars": env},
     )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def api_process(work: Path, name: str, **settings: str) -> tuple[Any, httpx.Client]:
@@ -246,24 +238,7 @@ def _health_rows(worker: httpx.Client, idle_requests: int) -> list[Row]:
     """/health of the worker-mode API while 4 generations run on the worker, against idle."""
     idle = health_latencies(worker, idle_requests)
     body = {"character_description": DESCRIPTION, "num_images": 4, "seed": 1}
-    with httpx.Client(base_url=worker.base_url, timeout=300) as submitter:
-        status_urls = [
-            submitter.post("/api/mv/character_reference_jobs", json=body).json()["status_url"]
-            for _ in range(4)
-        ]
-
-        def all_finished() -> bool:
-            statuses = [submitter.get(url).json()["status"] for url in status_urls]
-            return all(status in ("succeeded", "failed", "canceled") for status in statuses)
-
-        loaded: list[float] = []
-        started = time.perf_counter()
-        while not all_finished():
-            loaded += health_latencies(worker, 50)
-        busy_s = time.perf_counter() - started
-        outcomes = [submitter.get(url).json()["status"] for url in status_urls]
-    if any(outcome != "succeeded" for outcome in outcomes):
-        raise RuntimeError(f"the load generations did not all succeed: {outcomes}")
+    loaded, busy_s = health_while_generating(worker, body, 4)
     note = f"{len(loaded)} requests over {busy_s:.0f} s of 4 generations on the worker"
     return [
         Row(

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from config import BACKEND_DIR, SettingsError, load_settings
+from config import SettingsError, load_settings
 
 APP_NAME = "gpu-worker"
 
@@ -43,19 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from gpu_worker.cluster import serve_on_ray
+
     address = os.environ.get("RAY_ADDRESS") or None
-    # The replicas import the backend's modules, wherever Ray starts them.
-    runtime_env = {"env_vars": {"PYTHONPATH": str(BACKEND_DIR)}}
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env=runtime_env,
-    )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    try:
+    with serve_on_ray(
+        options.host, settings.worker_port, address=address, logging_level="WARNING"
+    ) as url:
         if settings.local_device != "cpu" and not ray.cluster_resources().get("GPU"):
             print(
                 f"error: LOCAL_DEVICE={settings.local_device} needs a GPU and this Ray cluster has "
@@ -63,30 +59,26 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        serve.start(http_options={"host": options.host, "port": settings.worker_port})
         try:
             serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError as error:  # the replicas could not start (the model did not load)
             print(f"error: the worker app did not start: {error}", file=sys.stderr)
             return 1
-        url = f"http://{options.host}:{settings.worker_port}"
-        token = os.environ["WORKER_TOKEN"]
-        print(
-            f"\nworker tier ready at {url} ({settings.local_model_id} on {settings.local_device})"
-        )
-        print("run the API against it (another terminal):")
-        print(
-            f"  IMAGE_GENERATOR=worker WORKER_URL={url} WORKER_TOKEN={token} make run\n", flush=True
-        )
-        while not stop.wait(0.5):
-            pass
-    finally:
-        print("stopping the worker tier", file=sys.stderr)
-        if address is None:
-            serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
-        ray.shutdown()
+        try:
+            token = os.environ["WORKER_TOKEN"]
+            model = f"{settings.local_model_id} on {settings.local_device}"
+            print(f"\nworker tier ready at {url} ({model})")
+            print("run the API against it (another terminal):")
+            print(
+                f"  IMAGE_GENERATOR=worker WORKER_URL={url} WORKER_TOKEN={token} make run\n",
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                pass
+        finally:
+            print("stopping the worker tier", file=sys.stderr)
+            if address is not None:
+                serve.delete(APP_NAME)  # a cluster this command joined keeps running
     return 0
 
 

@@ -52,6 +52,8 @@ def build_app(
         # One batch running and one forming: enough requests on a replica to fill a batch.
         max_ongoing_requests=2 * max_batch_images,
         max_queued_requests=settings.worker_max_queued_requests,
+        # A model that does not load fails the same way again: give up after a few tries.
+        max_constructor_retry_count=3,
         ray_actor_options={"num_cpus": 1, "num_gpus": 0 if settings.local_device == "cpu" else 1},
         user_config={
             "max_batch_images": max_batch_images,

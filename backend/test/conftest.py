@@ -26,7 +26,7 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from config import BACKEND_DIR, REPO_ROOT, Settings, load_settings
+from config import REPO_ROOT, Settings, load_settings
 from fake_replicate import FakeReplicate
 from main import create_app
 from services.asset_persistence import AssetPersistenceService
@@ -404,25 +404,14 @@ def ray_serve() -> Iterator[str]:
     """
     if (problem := private_network_problem()) is not None:
         pytest.skip(problem)
-    import ray
-    from ray import serve
+    from gpu_worker.cluster import serve_on_ray
 
-    # Replicas import the backend's modules, and never reach a model hub.
-    env = {"PYTHONPATH": str(BACKEND_DIR), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": env},
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        _no_ray_process_left()
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}  # no replica reaches a hub
+    with serve_on_ray(
+        "127.0.0.1", free_port(), env_vars=offline, num_cpus=8, logging_level="WARNING"
+    ) as url:
+        yield url
+    _no_ray_process_left()
 
 
 def _no_ray_process_left(timeout: float = 30) -> None:

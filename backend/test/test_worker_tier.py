@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from config import BACKEND_DIR, load_settings
@@ -545,3 +546,38 @@ def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
         command.send_signal(signal.SIGINT)
         assert command.wait(120) == 0
     wait_until(lambda: not (_ray_processes() - others), timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("settings", "status", "message"),
+    [
+        ({"LOCAL_MODEL_ID": "/nonexistent/model"}, 1, "the worker app did not start"),
+        pytest.param(
+            {"LOCAL_DEVICE": "auto"},
+            2,
+            "LOCAL_DEVICE=auto needs a GPU and this Ray cluster has none",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only cluster"),
+        ),
+    ],
+)
+def test_make_worker_says_why_it_cannot_start(
+    settings: dict[str, str], status: int, message: str, tiny_sdxl_turbo: Path, ray_serve: str
+) -> None:
+    env = {
+        **os.environ,
+        "LOCAL_MODEL_ID": str(tiny_sdxl_turbo),
+        "LOCAL_DEVICE": "cpu",
+        "WORKER_PORT": str(free_port()),
+        **settings,
+    }
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpu_worker"],
+        cwd=BACKEND_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == status, result.stderr[-2000:]
+    assert message in result.stderr

@@ -194,6 +194,21 @@ def test_worker_routes_but_health_need_the_token(fast_worker: WorkerApp) -> None
     assert info["replica"] and info["pid"] > 0
 
 
+@pytest.mark.parametrize(
+    ("token", "what"), [(TOKEN[::-1], "is not the worker's token"), (None, "is missing")]
+)
+def test_the_api_names_a_token_the_worker_refuses(
+    worker_api: Callable[..., ApiHarness], fast_worker: WorkerApp, token: str | None, what: str
+) -> None:
+    api = worker_api(fast_worker, worker_token=token)
+    ready = api.client.get("/ready")
+    assert ready.status_code == 503
+    assert any(f"WORKER_TOKEN {what}" in problem for problem in ready.json()["problems"])
+    reply = api.client.post(GENERATE, json={"character_description": DESCRIPTION})
+    assert reply.status_code == 503
+    assert f"WORKER_TOKEN {what}" in reply.json()["detail"]["message"]
+
+
 def test_worker_refuses_a_malformed_request_by_field(fast_worker: WorkerApp) -> None:
     headers = {TOKEN_HEADER: TOKEN}
     reply = httpx.post(

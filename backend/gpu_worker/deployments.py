@@ -16,6 +16,7 @@ call (the others' images are still made; the canceled one's are discarded).
 # No `from __future__ import annotations` here: @serve.ingress hands the route methods to
 # FastAPI outside this module, where string annotations would no longer resolve.
 import asyncio
+import contextlib
 import hmac
 import math
 import os
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.types import Receive, Scope, Send
 
 from mv.character_reference import MAX_IMAGES
 from services.generation.base import (
@@ -239,6 +241,26 @@ class DiffusionWorker:
         return events
 
 
+class RelayResponse(StreamingResponse):
+    """The stream of a generation, which cancels the request behind it however it ends.
+
+    Starlette stops reading the body when the client goes away, but does not close it: the
+    request on the DiffusionWorker would run on unless it is canceled here.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], request: DeploymentResponseGenerator) -> None:
+        super().__init__(content, media_type=STREAM_MEDIA_TYPE)
+        self._request = request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream the reply; then cancel the worker request (a no-op once it has finished)."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):  # it may have failed or finished already
+                self._request.cancel()
+
+
 api = FastAPI(title="GPU worker tier", description="Internal: generation for API replicas.")
 TokenHeader = Annotated[str | None, Header(alias=TOKEN_HEADER)]
 
@@ -328,7 +350,7 @@ class WorkerIngress:
             )
         except Exception as error:
             return error_reply(503, "WorkerUnavailable", f"no worker replica: {brief(error)}")
-        return StreamingResponse(self._relay(first, stream), media_type=STREAM_MEDIA_TYPE)
+        return RelayResponse(self._relay(first, stream), stream)
 
     async def _relay(
         self, first: Event, stream: DeploymentResponseGenerator

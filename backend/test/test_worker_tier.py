@@ -526,21 +526,30 @@ def _ray_processes() -> set[int]:
     return pids
 
 
+MAKE_WORKER = [sys.executable, "-m", "gpu_worker"]  # what `make worker` runs, from backend/
+
+
+def make_worker_env(model: Path, **settings: str) -> dict[str, str]:
+    """The environment of a `make worker` of its own cluster, on a free port."""
+    env = {
+        **os.environ,
+        "LOCAL_MODEL_ID": str(model),
+        "LOCAL_DEVICE": "cpu",
+        "WORKER_PORT": str(free_port()),
+        **settings,
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
     tiny_sdxl_turbo: Path, ray_serve: str
 ) -> None:
     others = _ray_processes()  # the session's own cluster stays
-    env = {
-        **os.environ,
-        "LOCAL_MODEL_ID": str(tiny_sdxl_turbo),
-        "LOCAL_DEVICE": "cpu",
-        "WORKER_PORT": str(free_port()),
-    }
-    env.pop("RAY_ADDRESS", None)
     command = subprocess.Popen(
-        [sys.executable, "-m", "gpu_worker"],
+        MAKE_WORKER,
         cwd=BACKEND_DIR,
-        env=env,
+        env=make_worker_env(tiny_sdxl_turbo),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -578,18 +587,10 @@ def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
 def test_make_worker_says_why_it_cannot_start(
     settings: dict[str, str], status: int, message: str, tiny_sdxl_turbo: Path, ray_serve: str
 ) -> None:
-    env = {
-        **os.environ,
-        "LOCAL_MODEL_ID": str(tiny_sdxl_turbo),
-        "LOCAL_DEVICE": "cpu",
-        "WORKER_PORT": str(free_port()),
-        **settings,
-    }
-    env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "gpu_worker"],
+        MAKE_WORKER,
         cwd=BACKEND_DIR,
-        env=env,
+        env=make_worker_env(tiny_sdxl_turbo, **settings),
         capture_output=True,
         text=True,
         timeout=300,

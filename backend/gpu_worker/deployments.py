@@ -38,6 +38,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import Receive, Scope, Send
 
 from mv.character_reference import MAX_IMAGES
+from routers.errors import error_response  # the API's one error shape
 from services.generation.base import (
     GenerationCanceledError,
     GenerationError,
@@ -265,13 +266,6 @@ api = FastAPI(title="GPU worker tier", description="Internal: generation for API
 TokenHeader = Annotated[str | None, Header(alias=TOKEN_HEADER)]
 
 
-def error_reply(status: int, error: str, message: str, **headers: str) -> JSONResponse:
-    """An error in the API's shape, `{"detail": {"error", "message"}}`."""
-    return JSONResponse(
-        {"detail": {"error": error, "message": message}}, status_code=status, headers=headers
-    )
-
-
 # An ingress replica only relays streams: it holds many at once, and sheds nothing itself.
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
@@ -287,7 +281,7 @@ class WorkerIngress:
     def _refusal(self, token: str | None) -> JSONResponse | None:
         if token is not None and hmac.compare_digest(token.encode(), self._token):
             return None
-        return error_reply(401, "Unauthorized", f"a valid {TOKEN_HEADER} header is required")
+        return error_response(401, "Unauthorized", f"a valid {TOKEN_HEADER} header is required")
 
     def _retry_after(self, configured: float | None) -> str:
         """The deployment's backpressure_config.retry_after_s when set; else about one
@@ -317,11 +311,11 @@ class WorkerIngress:
             running = await asyncio.to_thread(self._running_worker_replicas)
             if running:
                 return JSONResponse({**self._info, "status": "busy", "running_replicas": running})
-            return error_reply(
+            return error_response(
                 503, "NotReady", "no worker replica is running (still loading the model?)"
             )
         except Exception as error:
-            return error_reply(503, "NotReady", f"no worker replica can serve: {brief(error)}")
+            return error_response(503, "NotReady", f"no worker replica can serve: {brief(error)}")
         return JSONResponse({"status": "ready", **self._info})
 
     @staticmethod
@@ -342,14 +336,14 @@ class WorkerIngress:
         try:
             first = await stream.__anext__()  # `accepted`, once a replica took the request
         except BackPressureError as error:
-            return error_reply(
+            return error_response(
                 429,
                 "WorkerBusy",
                 "every worker replica is busy and the queue is full; retry later",
                 **{"Retry-After": self._retry_after(error.retry_after_s)},
             )
         except Exception as error:
-            return error_reply(503, "WorkerUnavailable", f"no worker replica: {brief(error)}")
+            return error_response(503, "WorkerUnavailable", f"no worker replica: {brief(error)}")
         return RelayResponse(self._relay(first, stream), stream)
 
     async def _relay(

@@ -91,7 +91,11 @@ def create_app(
         if configure_logs:
             configure_logging(settings.log_format, settings.log_level)
         storage = storage_backend or get_storage_backend(settings, observe=metrics.observe_storage)
-        assets = AssetPersistenceService(storage, settings=settings)
+        assets = AssetPersistenceService(
+            storage,
+            settings=settings,
+            on_conflict=metrics.manifest_conflicts.inc,
+        )
         policy = generation_policy or build_generation_policy(settings)
         policy.start()  # the local model loads in the background; requests wait for it
         webhooks = _webhook_sender(settings, metrics, webhook_transport)
@@ -114,14 +118,15 @@ def create_app(
         app.state.generation = policy
         app.state.generation_queue = queue
         app.state.character_references = character_references
+        app.state.jobs = jobs = JobService(assets, idempotency)
         app.state.generations = GenerationService(
             queue,
             assets,
             idempotency,
+            jobs,
             public_base_url=settings.public_base_url,
             replay_timeout_seconds=settings.generation_timeout_seconds,
         )
-        app.state.jobs = JobService(assets, idempotency)
         app.state.delivery = ImageDelivery(assets)
         retrier = asyncio.create_task(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)

@@ -23,12 +23,14 @@ from services.generation.base import (
 from services.generation.generators.worker import WorkerBusyError
 from services.generation.records import GenerationNotFoundError, StoredGenerationFailedError
 from services.generation.service import GenerationFinishedError, WebhooksDisabledError
-from services.idempotency import IdempotencyKeyError
+from services.idempotency import IdempotencyKeyError, IdempotencyKeyInUseError
 from services.image_files import UnsupportedImageError
 from services.jobs import JobExistsError
 from services.storage.errors import (
+    ConcurrentUpdateError,
     InvalidKeyError,
     ObjectNotFoundError,
+    PreconditionFailedError,
     StorageError,
     StorageUnavailableError,
 )
@@ -48,6 +50,9 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (GenerationTimeoutError, 504, "GenerationTimeout"),
     (GenerationError, 502, "GenerationFailed"),
     (JobExistsError, 409, "JobExists"),
+    (IdempotencyKeyInUseError, 409, "IdempotencyKeyInUse"),
+    (PreconditionFailedError, 409, "ConcurrentUpdate"),
+    (ConcurrentUpdateError, 503, "ConcurrentUpdate"),
     (ObjectNotFoundError, 404, "NotFound"),
     (InvalidKeyError, 422, "InvalidId"),
     (UnsupportedImageError, 415, "UnsupportedImage"),
@@ -89,6 +94,8 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {}
     if isinstance(exc, GenerationBusyError):
         headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, ConcurrentUpdateError | IdempotencyKeyInUseError):
+        headers["Retry-After"] = "1"
     if failure.status_code >= 500:
         logger.warning(
             "%s %s: %s: %s", request.method, request.url.path, failure.error, failure.message

@@ -71,13 +71,19 @@ _UPLOAD_BODY = {
 )
 async def generate_character_reference(
     body: GenerateCharacterReferenceRequest,
+    response: Response,
     generations: GenerationsDep,
     policy: GenerationPolicyDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerateCharacterReferenceResponse:
-    """Generate 1-4 candidate character reference images; each is stored before the reply."""
+    """Generate 1-4 candidate character reference images; each is stored before the reply.
+
+    `X-Generation-Id` names the generation (the same for a replay of an Idempotency-Key).
+    """
     policy.check_offered(body.backend)
-    return await generations.generate_now(body, idempotency_key)
+    generation_id, reply = await generations.generate_now(body, idempotency_key)
+    response.headers["X-Generation-Id"] = generation_id
+    return reply
 
 
 @router.get("/get_character_reference/{image_id}", responses=_ERRORS)

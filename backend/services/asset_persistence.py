@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,9 @@ from services.asset_records import (
 from services.asset_urls import LocalAssetUrls
 from services.image_files import ImageKind, UnsupportedImageError, identify_image
 from services.storage.atomic import is_temp_file, sha256_file
+from services.storage.base import Merge
+from services.storage.conditional import read_latest, update_object
+from services.storage.errors import StorageUnavailableError
 from services.storage.keys import (
     IMAGE_CONTENT_TYPES,
     JOB_CHARACTER_REFERENCE_DIR,
@@ -36,6 +39,7 @@ from services.storage.keys import (
     normalize_image_extension,
     parse_image_id,
     parse_job_id,
+    parse_job_manifest_key,
     validate_key,
 )
 from services.storage.local import content_type_for
@@ -75,10 +79,10 @@ class CharacterReferenceNotFoundError(ObjectNotFoundError):
 
 
 class JobNotFoundError(ObjectNotFoundError):
-    """No manifest is stored for this job."""
+    """No such job (for the Python API: no manifest is stored for it)."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(job_id, f"job {job_id} has no stored manifest")
+        super().__init__(job_id, f"job {job_id} not found")
         self.job_id = job_id
 
 
@@ -105,6 +109,7 @@ class StoredCharacterReference:
     kind: ImageKind
     sha256: str
     size: int
+    job_entry: ManifestEntry | None = None  # its copy under a job, for the job's manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,38 @@ class _JobFile:
     relative_path: str
     path: Path
     category: str
+
+
+def _job_entry(image_id: str, image: _PreparedImage) -> ManifestEntry:
+    """The manifest entry of an image's copy under a job."""
+    return ManifestEntry(
+        path=f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{image.kind.extension}",
+        category=CHARACTER_REFERENCES_CATEGORY,
+        size=len(image.data),
+        sha256=image.sha256,
+        content_type=image.kind.content_type,
+    )
+
+
+def merge_manifest(
+    current: JobManifest | None, job_id: str, entries: Iterable[ManifestEntry]
+) -> JobManifest | None:
+    """`current` with `entries` added (replacing entries of the same path); None if unchanged.
+
+    Merges commute for distinct paths, which is what lets replicas apply them in any order.
+    """
+    listed = {entry.path: entry for entry in current.files} if current is not None else {}
+    changed = current is None
+    for entry in entries:
+        if listed.get(entry.path) != entry:
+            listed[entry.path] = entry
+            changed = True
+    if not changed:
+        return None
+    files = sorted(listed.values(), key=lambda entry: entry.path)
+    if current is None:
+        return JobManifest(job_id=job_id, files=files)
+    return current.model_copy(update={"files": files})
 
 
 def _category_of(relative_path: str) -> str:
@@ -133,8 +170,11 @@ class AssetPersistenceService:
         storage_backend: StorageBackend | None = None,
         *,
         settings: Settings | None = None,
+        on_conflict: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings or get_settings()
+        # Told how many times another writer got to a job manifest first, per merge.
+        self._on_conflict = on_conflict
         self.storage = storage_backend or get_storage_backend(self.settings)
         self._local_urls = LocalAssetUrls(self.settings.public_base_url)
         self._max_workers = self.settings.storage_max_concurrency
@@ -234,6 +274,7 @@ class AssetPersistenceService:
             await asyncio.to_thread(
                 self.storage.put_bytes, key, image.data, image.kind.content_type
             )
+            await self.add_to_job_manifest(job_id, [_job_entry(image_id, image)])
             return await self._url_for_stored_key(key)
         stored = await self._store_standalone(image_id, image, None, details)
         return stored.url
@@ -248,6 +289,8 @@ class AssetPersistenceService:
     ) -> StoredCharacterReference:
         """Store image bytes under the standalone key with its sidecar (and the job's, if given).
 
+        With a `job_id`, the copy under the job is not yet listed in its manifest: the caller
+        lists every image of a request at once with `add_to_job_manifest(stored.job_entry)`.
         Raises UnsupportedImageError unless `data` is a PNG, JPEG or WebP image.
         """
         image_id = parse_image_id(image_id)
@@ -296,6 +339,7 @@ class AssetPersistenceService:
             kind=image.kind,
             sha256=image.sha256,
             size=len(image.data),
+            job_entry=_job_entry(image_id, image) if job_id is not None else None,
         )
 
     def is_presigned(self, key: str) -> bool:
@@ -361,40 +405,35 @@ class AssetPersistenceService:
         ids = [parse_image_id(image_id) for image_id in image_ids]
         return await asyncio.to_thread(self._associate, job_id, ids, Path(local_base_path))
 
-    def _attach(self, job_id: str, image_ids: list[str]) -> JobManifest:
+    def _copy_into_job(self, job_id: str, image_ids: list[str]) -> list[ManifestEntry]:
         # Resolve every id first, so an unknown one fails the call before anything is copied.
         found = [self.lookup_character_reference(image_id) for image_id in image_ids]
-        manifest = self._read_manifest_or_empty(job_id)
-        listed = {entry.path: entry for entry in manifest.files}
-        changed = False
+        manifest = self._read_manifest_or_none(job_id)
+        listed = {entry.path: entry for entry in manifest.files} if manifest else {}
+        entries = []
         for image_id, (key, sha256) in zip(image_ids, found, strict=True):
             extension = key.rpartition(".")[2]
             relative = f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{extension}"
-            if sha256 is not None and getattr(listed.get(relative), "sha256", None) == sha256:
-                continue  # attached before: nothing to copy
+            earlier = listed.get(relative)
+            if sha256 is not None and earlier is not None and earlier.sha256 == sha256:
+                entries.append(earlier)  # attached before: nothing to copy
+                continue
             data = self.storage.get_bytes(key)
             digest = hashlib.sha256(data).hexdigest()
             if sha256 is not None and digest != sha256:
                 raise IntegrityError(key, sha256, digest)
             content_type = IMAGE_CONTENT_TYPES[extension]
             self.storage.put_bytes(job_asset_key(job_id, relative), data, content_type)
-            listed[relative] = ManifestEntry(
-                path=relative,
-                category=CHARACTER_REFERENCES_CATEGORY,
-                size=len(data),
-                sha256=digest,
-                content_type=content_type,
+            entries.append(
+                ManifestEntry(
+                    path=relative,
+                    category=CHARACTER_REFERENCES_CATEGORY,
+                    size=len(data),
+                    sha256=digest,
+                    content_type=content_type,
+                )
             )
-            changed = True
-        if not changed:
-            return manifest
-        updated = manifest.model_copy(
-            update={"files": sorted(listed.values(), key=lambda entry: entry.path)}
-        )
-        self.storage.put_bytes(
-            job_manifest_key(job_id), updated.model_dump_json(indent=2).encode(), "application/json"
-        )
-        return updated
+        return entries
 
     async def attach_character_references(
         self, job_id: str, image_ids: Sequence[str]
@@ -407,8 +446,77 @@ class AssetPersistenceService:
         """
         job_id = parse_job_id(job_id)
         ids = [parse_image_id(image_id) for image_id in image_ids]
-        async with self._job_lock(job_id):
-            return await asyncio.to_thread(self._attach, job_id, ids)
+        entries = await asyncio.to_thread(self._copy_into_job, job_id, ids)
+        return await self.add_to_job_manifest(job_id, entries)
+
+    async def add_to_job_manifest(
+        self, job_id: str, entries: Sequence[ManifestEntry]
+    ) -> JobManifest:
+        """List files already stored under a job in its manifest; the manifest afterwards.
+
+        Safe against every other writer of the manifest, in this process or any other: the
+        merge is a compare-and-swap, retried when another writer got in first.
+        """
+        job_id = parse_job_id(job_id)
+        async with self._job_lock(job_id):  # writers in this process queue instead of colliding
+            return await asyncio.to_thread(self._merge_into_manifest, job_id, list(entries))
+
+    def _merge_into_manifest(self, job_id: str, entries: list[ManifestEntry]) -> JobManifest:
+        key = job_manifest_key(job_id)
+
+        def change(raw: bytes | None) -> bytes | None:
+            current = None if raw is None else self._parse_manifest(job_id, raw)
+            merged = merge_manifest(current, job_id, entries)
+            return None if merged is None else merged.model_dump_json(indent=2).encode()
+
+        try:
+            updated = update_object(self.storage, key, change)
+        except StorageUnavailableError:
+            if self._pending_store is None:
+                raise
+            return self._merge_into_local_manifest(job_id, entries)
+        if updated.conflicts and self._on_conflict is not None:
+            self._on_conflict(updated.conflicts)
+        assert updated.data is not None  # a merge always leaves a manifest
+        return self._parse_manifest(job_id, updated.data)
+
+    def _merge_into_local_manifest(self, job_id: str, entries: list[ManifestEntry]) -> JobManifest:
+        """The arbiter is unreachable: merge into the local copy, held as a pending upload.
+
+        When the store is back, the pending copy is merged into whatever the store holds then
+        (see `merger_for`), so nothing another replica wrote meanwhile is replaced.
+        """
+        assert self._pending_store is not None
+        key = job_manifest_key(job_id)
+        try:
+            current = self._parse_manifest(job_id, self.storage.get_bytes(key))
+        except (ObjectNotFoundError, StorageUnavailableError):
+            current = None  # nothing known here: the later merge adds what the store has
+        merged = merge_manifest(current, job_id, entries) or current
+        assert merged is not None
+        self._pending_store.hold(key, merged.model_dump_json(indent=2).encode(), "application/json")
+        logger.warning("job %s: store unreachable, manifest kept locally until it is back", job_id)
+        return merged
+
+    @staticmethod
+    def merger_for(key: str) -> Merge | None:
+        """How a pending copy of `key` joins the stored one: job manifests merge, others not.
+
+        For a path both list, the stored entry stands, as the stored object does.
+        """
+        job_id = parse_job_manifest_key(key)
+        if job_id is None:
+            return None
+
+        def merge(mine: bytes, theirs: bytes) -> bytes:
+            ours = JobManifest.model_validate_json(mine)
+            stored = JobManifest.model_validate_json(theirs)
+            listed = {entry.path for entry in stored.files}
+            missing = [entry for entry in ours.files if entry.path not in listed]
+            merged = merge_manifest(stored, job_id, missing) or stored
+            return merged.model_dump_json(indent=2).encode()
+
+        return merge
 
     @contextlib.asynccontextmanager
     async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
@@ -443,7 +551,7 @@ class AssetPersistenceService:
                 files.append(_JobFile(relative, path, category))
         return files
 
-    def _persist_job(self, job_id: str, base: Path) -> dict[str, list[str] | str]:
+    def _upload_job_files(self, job_id: str, base: Path) -> list[ManifestEntry]:
         files = self._job_files(base)
 
         def upload(job_file: _JobFile) -> ManifestEntry:
@@ -460,47 +568,52 @@ class AssetPersistenceService:
             )
 
         with ThreadPoolExecutor(self._max_workers, thread_name_prefix="job-persist") as pool:
-            entries = list(pool.map(upload, files))
-        # The manifest goes last: once it exists, every file it lists is stored.
-        manifest = JobManifest(job_id=job_id, files=entries)
-        manifest_key = job_manifest_key(job_id)
-        self.storage.put_bytes(
-            manifest_key, manifest.model_dump_json(indent=2).encode(), "application/json"
-        )
+            return list(pool.map(upload, files))
+
+    def _job_urls(self, job_id: str, entries: list[ManifestEntry]) -> dict[str, list[str] | str]:
         result: dict[str, list[str] | str] = {CHARACTER_REFERENCES_CATEGORY: []}
         for entry in entries:
             urls = result.setdefault(entry.category, [])
             assert isinstance(urls, list)
             urls.append(self.url_for_key(job_asset_key(job_id, entry.path)))
-        result["manifest"] = self.url_for_key(manifest_key)
+        result["manifest"] = self.url_for_key(job_manifest_key(job_id))
         return result
 
     async def persist_job_assets(
         self, job_id: str, local_base_path: str | os.PathLike[str]
     ) -> dict[str, list[str] | str]:
-        """Store every file of a job directory (recursively) and its manifest.
+        """Store every file of a job directory (recursively) and list them in its manifest.
 
+        The manifest keeps what other writers listed (images attached through the API, say):
+        the directory's files are merged into it, after they are all stored.
         Returns {"character_references": [urls], <one list per top-level folder>,
         "files": [urls of top-level files] (when there are any), "manifest": url}.
         """
         job_id = parse_job_id(job_id)
-        return await asyncio.to_thread(self._persist_job, job_id, Path(local_base_path))
+        entries = await asyncio.to_thread(self._upload_job_files, job_id, Path(local_base_path))
+        await self.add_to_job_manifest(job_id, entries)
+        return await asyncio.to_thread(self._job_urls, job_id, entries)
 
-    def _read_manifest(self, job_id: str) -> JobManifest:
-        try:
-            raw = self.storage.get_bytes(job_manifest_key(job_id))
-        except ObjectNotFoundError:
-            raise JobNotFoundError(job_id) from None
+    @staticmethod
+    def _parse_manifest(job_id: str, raw: bytes) -> JobManifest:
         manifest = JobManifest.model_validate_json(raw)
         if manifest.job_id != job_id:
             raise StorageError(f"manifest of job {job_id} names job {manifest.job_id}")
         return manifest
 
-    def _read_manifest_or_empty(self, job_id: str) -> JobManifest:
+    def _read_manifest(self, job_id: str) -> JobManifest:
+        """The manifest as the arbitrating tier holds it (another replica may have changed it)."""
+        try:
+            raw = read_latest(self.storage, job_manifest_key(job_id))
+        except ObjectNotFoundError:
+            raise JobNotFoundError(job_id) from None
+        return self._parse_manifest(job_id, raw)
+
+    def _read_manifest_or_none(self, job_id: str) -> JobManifest | None:
         try:
             return self._read_manifest(job_id)
         except JobNotFoundError:
-            return JobManifest(job_id=job_id, files=[])
+            return None
 
     async def get_job_manifest(self, job_id: str) -> JobManifest:
         """The stored manifest of a job; JobNotFoundError if there is none."""
@@ -538,7 +651,7 @@ class AssetPersistenceService:
         """Upload objects that earlier failed to reach S3; return the keys uploaded."""
         if self._pending_store is None:
             return []
-        return await asyncio.to_thread(self._pending_store.retry_pending)
+        return await asyncio.to_thread(self._pending_store.retry_pending, self.merger_for)
 
     def pending_uploads(self) -> Iterable[str]:
         """Keys stored locally that still wait for an upload."""

@@ -23,7 +23,7 @@ from mv.character_reference import (
     build_prompt,
 )
 from services.asset_persistence import AssetPersistenceService, StoredCharacterReference
-from services.asset_records import GenerationDetails, utc_now
+from services.asset_records import GenerationDetails, ManifestEntry, utc_now
 from services.generation.base import (
     GeneratedImage,
     GenerationProgress,
@@ -85,9 +85,13 @@ class CharacterReferenceService:
             backend=result.backend,
             fallback_reason=outcome.fallback_reason,
         )
-        images = await asyncio.gather(
+        stored = await asyncio.gather(
             *(self._store(image, body, details) for image in result.images)
         )
+        if body.job_id is not None:  # listed in the job's manifest, as the attach route does
+            entries = [entry for _, entry in stored if entry is not None]
+            await self.assets.add_to_job_manifest(body.job_id, entries)
+        images = [image for image, _ in stored]
         return GenerateCharacterReferenceResponse(
             images=list(images),
             metadata=GenerationMetadata(
@@ -115,7 +119,7 @@ class CharacterReferenceService:
         image: GeneratedImage,
         body: GenerateCharacterReferenceRequest,
         details: GenerationDetails,
-    ) -> CharacterReferenceImage:
+    ) -> tuple[CharacterReferenceImage, ManifestEntry | None]:
         data = await asyncio.to_thread(encoded_bytes, image, body.output_format)
         stored = await self.assets.store_character_reference(
             str(uuid.uuid4()),
@@ -124,7 +128,7 @@ class CharacterReferenceService:
             details=details.model_copy(update={"seed": image.seed}),
         )
         encoded = await asyncio.to_thread(base64.b64encode, data) if body.include_base64 else None
-        return _image_reply(stored, seed=image.seed, base64_data=encoded)
+        return _image_reply(stored, seed=image.seed, base64_data=encoded), stored.job_entry
 
     async def upload(
         self, data: bytes, description: str | None = None

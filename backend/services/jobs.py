@@ -13,7 +13,7 @@ from services.asset_persistence import (
 )
 from services.asset_records import JobManifest, utc_now
 from services.idempotency import IdempotencyStore
-from services.storage.errors import ObjectNotFoundError, StorageError
+from services.storage.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
 from services.storage.keys import (
     IMAGE_CONTENT_TYPES,
     JOB_CHARACTER_REFERENCE_DIR,
@@ -43,7 +43,6 @@ class JobService:
         self.assets = assets
         self.storage = assets.storage
         self.idempotency = idempotency
-        self._creating = asyncio.Lock()
 
     async def create(self, body: CreateJobRequest, idempotency_key: str | None = None) -> Job:
         """Store a new job record; JobExistsError when the id is taken (409)."""
@@ -58,16 +57,24 @@ class JobService:
     async def _create(self, body: CreateJobRequest) -> str:
         job_id = body.job_id or new_job_id()
         record = JobRecord(job_id=job_id, created_at=utc_now(), metadata=body.metadata)
-        async with self._creating:  # check-then-write, one at a time in this process
-            if await asyncio.to_thread(self._job_exists, job_id):
-                raise JobExistsError(f"job {job_id} already exists")
+        if await asyncio.to_thread(self.storage.exists, job_manifest_key(job_id)):
+            raise JobExistsError(f"job {job_id} already exists")  # a worker persisted it
+        try:
+            # Create-if-absent in the store itself: of replicas racing to create one id,
+            # exactly one wins.
             await asyncio.to_thread(
-                self.storage.put_bytes,
+                self.storage.put_if_absent,
                 job_record_key(job_id),
                 record.model_dump_json(indent=2).encode(),
                 "application/json",
             )
+        except PreconditionFailedError:
+            raise JobExistsError(f"job {job_id} already exists") from None
         return job_id
+
+    async def exists(self, job_id: str) -> bool:
+        """Whether the job was created through the API or persisted by a worker."""
+        return await asyncio.to_thread(self._job_exists, parse_job_id(job_id))
 
     def _job_exists(self, job_id: str) -> bool:
         return self.storage.exists(job_record_key(job_id)) or self.storage.exists(
@@ -133,7 +140,7 @@ class JobService:
     async def attach(self, job_id: str, image_ids: Sequence[str]) -> Job:
         """Attach stored character references to an existing job (idempotent)."""
         job_id = parse_job_id(job_id)
-        if not await asyncio.to_thread(self._job_exists, job_id):
+        if not await self.exists(job_id):
             raise JobNotFoundError(job_id)
         await self.assets.attach_character_references(job_id, image_ids)
         return await self.get(job_id)

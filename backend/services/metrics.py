@@ -84,6 +84,11 @@ class Metrics:
         self.webhooks = Counter(
             "mv_webhook_deliveries", "Webhook deliveries by outcome", ["outcome"], registry=r
         )
+        self.manifest_conflicts = Counter(
+            "mv_job_manifest_conflicts",
+            "Job manifest merges retried because another writer changed the manifest first",
+            registry=r,
+        )
 
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Make `gauge` report `read()` at every scrape."""

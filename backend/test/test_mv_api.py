@@ -87,6 +87,7 @@ def test_generate_stores_every_image_and_serves_it(api: ApiHarness) -> None:
 
 
 def test_generate_with_job_id_stores_under_the_job_too(api: ApiHarness) -> None:
+    assert api.client.post("/api/mv/jobs", json={"job_id": "job-7"}).status_code == 201
     reply = api.client.post(
         GENERATE,
         json={"character_description": "a fox", "num_images": 1, "job_id": "job-7", "seed": 1},
@@ -96,6 +97,42 @@ def test_generate_with_job_id_stores_under_the_job_too(api: ApiHarness) -> None:
     assert (api.settings.output_dir / job_key).read_bytes() == base64.b64decode(image["base64"])
     if api.s3 is not None:
         api.s3.head_object(Bucket=api.settings.storage_bucket, Key=job_key)
+
+
+def test_generate_with_job_id_lists_the_images_in_the_job(api: ApiHarness) -> None:
+    assert api.client.post("/api/mv/jobs", json={"job_id": "job-8"}).status_code == 201
+    reply = api.client.post(
+        GENERATE,
+        json={"character_description": "a fox", "num_images": 2, "job_id": "job-8", "seed": 3},
+    )
+    assert reply.status_code == 200, reply.text
+    images = reply.json()["images"]
+    job = api.client.get("/api/mv/jobs/job-8").json()
+    listed = {ref["image_id"]: ref for ref in job["character_references"]}
+    assert set(listed) == {image["id"] for image in images}
+    for image in images:  # exactly as the attach route lists them
+        data = base64.b64decode(image["base64"])
+        assert listed[image["id"]]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert listed[image["id"]]["path"] == f"character_reference/{image['id']}.png"
+        url = listed[image["id"]]["url"]  # a presigned URL of the moto server in S3 mode
+        fetched = httpx.get(url) if url.startswith("http") else api.client.get(url)
+        assert fetched.content == data
+
+
+def test_generate_with_an_unknown_job_id_is_a_404_and_stores_nothing(api: ApiHarness) -> None:
+    for route in (GENERATE, "/api/mv/character_reference_jobs"):
+        reply = api.client.post(
+            route, json={"character_description": "a fox", "num_images": 1, "job_id": "no-job"}
+        )
+        assert reply.status_code == 404, reply.text
+        assert reply.json()["detail"]["error"] == "NotFound"
+        assert "no-job" in reply.json()["detail"]["message"]
+    assert not (api.settings.output_dir / "jobs" / "no-job").exists()
+    assert not list((api.settings.output_dir / "generations").glob("*.json"))
+    assert api.client.get("/api/mv/jobs/no-job").status_code == 404
+    if api.s3 is not None:
+        listed = api.s3.list_objects_v2(Bucket=api.settings.storage_bucket, Prefix="jobs/no-job")
+        assert listed["KeyCount"] == 0
 
 
 @pytest.mark.parametrize(

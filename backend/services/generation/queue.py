@@ -38,6 +38,7 @@ from services.generation.records import (
     new_generation_id,
 )
 from services.metrics import Metrics
+from services.storage.errors import PreconditionFailedError
 from services.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class GenerationQueue:
         self._pending: asyncio.Queue[LiveGeneration] = asyncio.Queue()
         self._waiting: dict[str, LiveGeneration] = {}  # insertion order is queue order
         self._live: dict[str, LiveGeneration] = {}
+        # Records whose last save failed (the store was unreachable): saved again by _watch.
+        self._unsaved: dict[str, GenerationRecord] = {}
         self._running = 0
         self._recent_seconds: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -269,22 +272,36 @@ class GenerationQueue:
                 )
             else:
                 entry.done.set_exception(GenerationCanceledError("the generation was canceled"))
-        await self._save_quietly(record)
-        self._live.pop(entry.generation_id, None)
+        if await self._save_quietly(record):
+            self._live.pop(entry.generation_id, None)
+        # else the entry stays live, answering for the record, until _watch saves it
         if record.webhook_url and self.webhooks is not None:
             self.webhooks.send(record.webhook_url, f"generation.{status}", public_view(record))
 
-    async def _save_quietly(self, record: GenerationRecord) -> None:
-        """Save, logging a failure: a storage hiccup must not lose the generation itself."""
+    async def _save_quietly(self, record: GenerationRecord) -> bool:
+        """Save; on failure log it and keep the record to save again (whether it was saved).
+
+        A storage hiccup must not lose the generation itself, nor its final state.
+        """
         try:
             await self.records.save(record)
         except Exception:
-            logger.exception("saving generation %s failed", record.generation_id)
+            logger.exception("saving generation %s failed; will retry", record.generation_id)
+            self._unsaved[record.generation_id] = record
+            return False
+        self._unsaved.pop(record.generation_id, None)
+        return True
+
+    async def _save_unsaved(self) -> None:
+        for generation_id, record in list(self._unsaved.items()):
+            if await self._save_quietly(record) and record.finished:
+                self._live.pop(generation_id, None)
 
     async def _watch(self) -> None:
         """Save progress of running generations and apply cancel requests from other replicas."""
         while True:
             await asyncio.sleep(self.watch_interval)
+            await self._save_unsaved()
             for entry in list(self._live.values()):
                 try:
                     await self._watch_one(entry)
@@ -293,6 +310,8 @@ class GenerationQueue:
 
     async def _watch_one(self, entry: LiveGeneration) -> None:
         storage = self.records.storage
+        if entry.record.finished:
+            return  # finished, waiting only for its record to be saved
         marker = cancel_marker_key(entry.generation_id)
         if await asyncio.to_thread(storage.exists, marker):
             await asyncio.to_thread(storage.delete, marker)
@@ -335,12 +354,13 @@ class GenerationQueue:
         if entry is None:
             record = await self.records.load(generation_id)
             if record is not None and not record.finished:
-                await asyncio.to_thread(
-                    self.records.storage.put_bytes,
-                    cancel_marker_key(generation_id),
-                    b"",
-                    "application/octet-stream",
-                )
+                with contextlib.suppress(PreconditionFailedError):  # asked for already
+                    await asyncio.to_thread(
+                        self.records.storage.put_if_absent,
+                        cancel_marker_key(generation_id),
+                        b"",
+                        "application/octet-stream",
+                    )
             return record
         entry.progress.cancel()
         if entry.generation_id in self._waiting:  # still waiting: drop it

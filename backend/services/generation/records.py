@@ -21,6 +21,7 @@ from mv.generation_jobs import GenerationFailure, GenerationProgressInfo, Genera
 from services.asset_records import utc_now
 from services.generation.base import GenerationError
 from services.storage.base import StorageBackend
+from services.storage.conditional import read_latest, update_object
 from services.storage.errors import ObjectNotFoundError
 
 GENERATIONS_PREFIX = "generations"
@@ -85,32 +86,43 @@ class GenerationRecordStore:
         self.storage = storage
         self.instance = instance
 
-    async def save(self, record: GenerationRecord) -> None:
+    async def save(self, record: GenerationRecord) -> bool:
         """Write the record, and add or remove this instance's marker for it.
+
+        The write is a compare-and-swap against the stored record, and a finished record is
+        final: a late save (a "running" or progress update that lost a race with the finish,
+        or a second finish) leaves it as it is; then False is returned.
 
         A new record and its marker are written together (a marker without its record is
         cleaned up by the sweep); a finished record is written before its marker goes, so
         that a crash in between never leaves an unfinished record without a marker.
         """
         data = record.model_dump_json(indent=2).encode()
+
+        def change(stored: bytes | None) -> bytes | None:
+            if stored is not None and GenerationRecord.model_validate_json(stored).finished:
+                return None
+            return data
+
         write = asyncio.to_thread(
-            self.storage.put_bytes, generation_key(record.generation_id), data, "application/json"
+            update_object, self.storage, generation_key(record.generation_id), change
         )
         marker = active_prefix(record.instance) + record.generation_id
         if record.status == "queued":
-            await asyncio.gather(
+            updated, _ = await asyncio.gather(
                 write,
                 asyncio.to_thread(self.storage.put_bytes, marker, b"", "application/octet-stream"),
             )
-            return
-        await write
+            return updated.changed
+        updated = await write
         if record.finished:
             await asyncio.to_thread(self.storage.delete, marker)
+        return updated.changed
 
     async def load(self, generation_id: str) -> GenerationRecord | None:
-        """The stored record, or None."""
+        """The stored record as the arbitrating tier holds it, or None."""
         try:
-            raw = await asyncio.to_thread(self.storage.get_bytes, generation_key(generation_id))
+            raw = await asyncio.to_thread(read_latest, self.storage, generation_key(generation_id))
         except ObjectNotFoundError:
             return None
         return GenerationRecord.model_validate_json(raw)

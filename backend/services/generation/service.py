@@ -11,7 +11,7 @@ from mv.character_reference import (
     GenerateCharacterReferenceResponse,
 )
 from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
-from services.asset_persistence import AssetPersistenceService
+from services.asset_persistence import AssetPersistenceService, JobNotFoundError
 from services.asset_urls import API_PREFIX
 from services.generation.base import (
     GenerationCanceledError,
@@ -25,6 +25,7 @@ from services.generation.records import (
     StoredGenerationFailedError,
 )
 from services.idempotency import IdempotencyStore
+from services.jobs import JobService
 
 SYNC_SCOPE = "generate_character_reference"
 ASYNC_SCOPE = "character_reference_jobs"
@@ -47,6 +48,7 @@ class GenerationService:
         queue: GenerationQueue,
         assets: AssetPersistenceService,
         idempotency: IdempotencyStore,
+        jobs: JobService,
         *,
         public_base_url: str | None = None,
         replay_timeout_seconds: float = 300.0,
@@ -55,6 +57,7 @@ class GenerationService:
         self.replay_timeout_seconds = replay_timeout_seconds
         self.assets = assets
         self.idempotency = idempotency
+        self.jobs = jobs
         self._status_base = (public_base_url or "") + API_PREFIX + "/character_reference_jobs/"
 
     def status_url(self, generation_id: str) -> str:
@@ -72,6 +75,8 @@ class GenerationService:
         fingerprinted: object,
     ) -> str:
         """Queue the generation, or find the one an earlier request with this key queued."""
+        if body.job_id is not None and not await self.jobs.exists(body.job_id):
+            raise JobNotFoundError(body.job_id)  # before anything is queued or stored
         if idempotency_key is None:
             return (await self.queue.submit(body, webhook_url=webhook_url)).generation_id
         async with self.idempotency.reserve(scope, idempotency_key, fingerprinted) as slot:
@@ -83,12 +88,12 @@ class GenerationService:
 
     async def generate_now(
         self, body: GenerateCharacterReferenceRequest, idempotency_key: str | None = None
-    ) -> GenerateCharacterReferenceResponse:
-        """Queue the generation and wait for its reply (the sync route)."""
+    ) -> tuple[str, GenerateCharacterReferenceResponse]:
+        """Queue the generation and wait for it (the sync route): its id and its reply."""
         generation_id = await self._submit_once(
             SYNC_SCOPE, idempotency_key, body, None, body.model_dump(mode="json")
         )
-        return await self.result(generation_id)
+        return generation_id, await self.result(generation_id)
 
     async def submit(
         self,

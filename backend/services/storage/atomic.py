@@ -75,10 +75,13 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(destination: Path) -> Iterator[BinaryIO]:
+def atomic_writer(destination: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
     """Yield a file handle; on success its content replaces `destination` in one step.
 
-    On any error the temp file is removed and `destination` is left as it was.
+    With `exclusive`, the content is published only if `destination` does not exist yet
+    (FileExistsError otherwise): a hard link is created-if-absent atomically, like O_EXCL,
+    and readers never see a partly written file. On any error the temp file is removed and
+    `destination` is left as it was.
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below on every path
@@ -90,7 +93,11 @@ def atomic_writer(destination: Path) -> Iterator[BinaryIO]:
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
-        temp_path.replace(destination)
+        if exclusive:
+            os.link(temp_path, destination)
+            temp_path.unlink()
+        else:
+            temp_path.replace(destination)
     except BaseException:
         handle.close()
         temp_path.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,14 @@ class StoredObject:
 
     info: ObjectInfo
     pending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VersionedObject:
+    """An object's bytes and the version a conditional replace must name (ETag or checksum)."""
+
+    data: bytes
+    version: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,23 @@ class StorageBackend(Protocol):
         """All keys under `prefix` (recursively), sorted."""
         ...
 
+    # Conditional writes: how records shared between processes and replicas are changed.
+    # They go to the tier that arbitrates (S3 when configured) and never wait as pending.
+
+    def get_versioned(self, key: str) -> VersionedObject:
+        """Current bytes and version from the arbitrating tier; ObjectNotFoundError if absent."""
+        ...
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> str:
+        """Create `key` unless it exists; return the new version. PreconditionFailedError if it
+        exists."""
+        ...
+
+    def put_if_match(self, key: str, data: bytes, content_type: str, version: str) -> str:
+        """Replace `key` only if it still has `version`; return the new version.
+        PreconditionFailedError if it changed or is gone."""
+        ...
+
     def close(self) -> None:
         """Release connections and worker threads."""
         ...
@@ -99,6 +124,12 @@ class SignsKnownKeysWithoutIO(Protocol):
         ...
 
 
+# (the pending local bytes, the remote object's bytes) -> the bytes to store instead.
+Merge = Callable[[bytes, bytes], bytes]
+# A key -> how to merge a pending copy of it into another writer's, or None (theirs stands).
+MergerFor = Callable[[str], Merge | None]
+
+
 @runtime_checkable
 class HoldsPendingUploads(Protocol):
     """A tiered store that keeps writes locally until the remote tier accepts them."""
@@ -111,8 +142,16 @@ class HoldsPendingUploads(Protocol):
         """Keys waiting for an upload."""
         ...
 
-    def retry_pending(self) -> list[str]:
-        """Try every pending upload once; return the keys uploaded."""
+    def hold(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Store locally only, as a pending upload (the remote tier cannot be reached)."""
+        ...
+
+    def retry_pending(self, merger_for: MergerFor | None = None) -> list[str]:
+        """Try every pending upload once; return the keys uploaded.
+
+        An upload never replaces an object another writer stored meanwhile: for such a key,
+        `merger_for(key)` may combine the two (else the remote object stays as it is).
+        """
         ...
 
 

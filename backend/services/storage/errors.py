@@ -31,3 +31,16 @@ class IntegrityError(StorageError):
 
 class StorageUnavailableError(StorageError):
     """The store could not be reached (connection refused, timeout) after bounded retries."""
+
+
+class PreconditionFailedError(StorageError):
+    """A conditional write found the object not as expected: it exists already (create), or
+    it changed or went away since it was read (replace). Read it again and decide anew."""
+
+    def __init__(self, key: str, message: str | None = None) -> None:
+        super().__init__(message or f"{key!r} changed since it was read")
+        self.key = key
+
+
+class ConcurrentUpdateError(StorageError):
+    """A shared record kept changing under a read-modify-write; retrying later will succeed."""

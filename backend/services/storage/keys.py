@@ -96,3 +96,12 @@ def job_character_reference_key(job_id: str, image_id: str, extension: str) -> s
 def job_manifest_key(job_id: str) -> str:
     """Key of a job's manifest."""
     return job_prefix(job_id) + MANIFEST_NAME
+
+
+def parse_job_manifest_key(key: str) -> str | None:
+    """The job id when `key` is a job's manifest key, else None."""
+    head, _, rest = key.partition("/")
+    job_id, _, name = rest.partition("/")
+    if head != JOBS_PREFIX or name != MANIFEST_NAME or not _JOB_ID.fullmatch(job_id):
+        return None
+    return job_id

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import mimetypes
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from services.storage.atomic import CHUNK_SIZE, atomic_writer, is_temp_file, sha256_file
-from services.storage.base import ObjectInfo, StoredObject
+from services.storage.base import ObjectInfo, StoredObject, VersionedObject
 from services.storage.errors import (
     IntegrityError,
     InvalidKeyError,
     ObjectNotFoundError,
+    PreconditionFailedError,
     StorageError,
 )
 from services.storage.keys import validate_key
@@ -25,6 +29,10 @@ _CONTENT_TYPES = {
     ".webp": "image/webp",
     ".json": "application/json",
 }
+# Conditional replaces lock one of a fixed set of files (chosen by the key's hash), so the
+# lock files never grow with the number of keys; two keys sharing one only wait for each other.
+LOCK_DIR = ".storage/locks"
+LOCK_STRIPES = 256
 
 
 def content_type_for(key: str) -> str:
@@ -108,6 +116,56 @@ class LocalStorageBackend:
             if expected_sha256 is not None and actual != expected_sha256:
                 raise IntegrityError(key, expected_sha256, actual)  # the writer discards its file
         return ObjectInfo(key, size, content_type_for(key), actual)
+
+    # ------------------------------------------------------- conditional writes
+    # Safe across processes sharing the root: a create publishes with a hard link, which
+    # fails if the key exists; a replace compares the stored checksum and renames while
+    # holding an advisory lock that every conditional replace of the key takes.
+
+    def get_versioned(self, key: str) -> VersionedObject:
+        """The file's bytes; its version is their SHA-256."""
+        data = self.get_bytes(key)
+        return VersionedObject(data, hashlib.sha256(data).hexdigest())
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> str:
+        """Create the file unless it exists (PreconditionFailedError); return its version."""
+        path = self.path_for(key)
+        try:
+            with atomic_writer(path, exclusive=True) as handle:
+                handle.write(data)
+        except FileExistsError:
+            raise PreconditionFailedError(key, f"{key!r} exists already") from None
+        return hashlib.sha256(data).hexdigest()
+
+    def put_if_match(self, key: str, data: bytes, content_type: str, version: str) -> str:
+        """Replace the file if its SHA-256 is still `version` (PreconditionFailedError if not)."""
+        path = self.path_for(key)
+        with self._replace_lock(key):
+            try:
+                current, _ = sha256_file(path)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise PreconditionFailedError(key, f"{key!r} is gone") from None
+            if current != version:
+                raise PreconditionFailedError(key)
+            with atomic_writer(path) as handle:
+                handle.write(data)
+        return hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _replace_lock(self, key: str) -> Iterator[None]:
+        stripe = hashlib.sha256(key.encode()).digest()[0] % LOCK_STRIPES
+        path = self.root / LOCK_DIR / f"{stripe:03d}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # flock conflicts between separate open()s, so threads of one process exclude
+            # each other as well as other processes.
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
+
+    # ------------------------------------------------------------------ reads
 
     def local_copy(self, key: str) -> Path | None:
         """The file holding `key`, or None."""

@@ -23,10 +23,11 @@ from botocore.exceptions import (
 )
 
 from services.storage.atomic import CHUNK_SIZE, atomic_writer, sha256_file
-from services.storage.base import ObjectInfo, PresignedUrl, StoredObject
+from services.storage.base import ObjectInfo, PresignedUrl, StoredObject, VersionedObject
 from services.storage.errors import (
     IntegrityError,
     ObjectNotFoundError,
+    PreconditionFailedError,
     StorageError,
     StorageUnavailableError,
 )
@@ -36,6 +37,9 @@ from services.storage.presign import S3Presigner
 # Up to this size a file is sent in one PUT with its SHA-256; larger ones go multipart.
 SINGLE_PUT_LIMIT = 64 * 1024 * 1024
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+# A conditional PUT that lost: 412 when the condition is false, 409 when another conditional
+# write of the key was in flight at the same moment.
+_CONDITION_FAILED_CODES = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
 _SHA256_METADATA = "sha256"
 
 
@@ -70,6 +74,8 @@ def _translated(operation: str, key: str) -> Iterator[None]:
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in _NOT_FOUND_CODES:
             raise ObjectNotFoundError(key) from None
+        if code in _CONDITION_FAILED_CODES:
+            raise PreconditionFailedError(key) from None
         raise StorageError(
             f"S3 {operation} of {key!r} failed: {code or 'unknown error'}"
         ) from error
@@ -91,16 +97,25 @@ class S3StorageBackend:
         self._client = client
         self._presigner = S3Presigner(client, bucket)
 
-    def _put_object(self, key: str, body: bytes | BinaryIO, sha256: str, content_type: str) -> None:
+    def _put_object(
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        sha256: str,
+        content_type: str,
+        **conditions: str,
+    ) -> str:
         with _translated("upload", key):
-            self._client.put_object(
+            response = self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=body,
                 ContentType=content_type,
                 ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode("ascii"),
                 Metadata={_SHA256_METADATA: sha256},
+                **conditions,
             )
+        return str(response["ETag"])
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
         """Upload `data` in one PUT with its SHA-256, verified by the store."""
@@ -109,15 +124,24 @@ class S3StorageBackend:
         self._put_object(key, data, sha256, content_type)
         return StoredObject(ObjectInfo(key, len(data), content_type, sha256))
 
-    def put_file(self, key: str, source: Path, content_type: str) -> StoredObject:
-        """Upload a file, streamed: one PUT up to SINGLE_PUT_LIMIT, multipart above."""
+    def put_file(
+        self, key: str, source: Path, content_type: str, *, if_absent: bool = False
+    ) -> StoredObject:
+        """Upload a file, streamed: one PUT up to SINGLE_PUT_LIMIT, multipart above.
+
+        With `if_absent`, PreconditionFailedError when the key exists: S3 decides for one PUT;
+        above the limit a HEAD checks first, which leaves a short window.
+        """
         validate_key(key)
         source = Path(source)
         sha256, size = sha256_file(source)  # the checksum header goes before the body
+        conditions = {"IfNoneMatch": "*"} if if_absent else {}
         if size <= SINGLE_PUT_LIMIT:
             with source.open("rb") as body:
-                self._put_object(key, body, sha256, content_type)
+                self._put_object(key, body, sha256, content_type, **conditions)
             return StoredObject(ObjectInfo(key, size, content_type, sha256))
+        if if_absent and self.exists(key):
+            raise PreconditionFailedError(key, f"{key!r} exists already")
         with _translated("upload", key):
             self._client.upload_file(
                 str(source),
@@ -131,6 +155,28 @@ class S3StorageBackend:
                 Config=TransferConfig(multipart_threshold=SINGLE_PUT_LIMIT),
             )
         return StoredObject(ObjectInfo(key, size, content_type, sha256))
+
+    def get_versioned(self, key: str) -> VersionedObject:
+        """The object's bytes and ETag, in one GET."""
+        validate_key(key)
+        with _translated("download", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            return VersionedObject(response["Body"].read(), str(response["ETag"]))
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> str:
+        """PUT with `If-None-Match: *`: S3 itself refuses it when the key exists."""
+        validate_key(key)
+        sha256 = hashlib.sha256(data).hexdigest()
+        return self._put_object(key, data, sha256, content_type, IfNoneMatch="*")
+
+    def put_if_match(self, key: str, data: bytes, content_type: str, version: str) -> str:
+        """PUT with `If-Match: <ETag>`: S3 refuses it when the object changed or is gone."""
+        validate_key(key)
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            return self._put_object(key, data, sha256, content_type, IfMatch=version)
+        except ObjectNotFoundError:
+            raise PreconditionFailedError(key, f"{key!r} is gone") from None
 
     def get_bytes(self, key: str) -> bytes:
         """Read a whole object."""

@@ -8,8 +8,21 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from services.storage.base import ObjectInfo, PresignedUrl, StoredObject
-from services.storage.errors import IntegrityError, ObjectNotFoundError, StorageError
+from services.storage.base import (
+    Merge,
+    MergerFor,
+    ObjectInfo,
+    PresignedUrl,
+    StoredObject,
+    VersionedObject,
+)
+from services.storage.conditional import update_object
+from services.storage.errors import (
+    IntegrityError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    StorageError,
+)
 from services.storage.local import LocalStorageBackend
 from services.storage.pending import PendingUploads
 from services.storage.s3 import S3StorageBackend
@@ -46,7 +59,9 @@ class WriteThroughStorageBackend:
     """Every write lands on local disk and in S3; a failed upload stays pending, never lost.
 
     The local copy is written alongside the upload (not after it) and always kept: it serves
-    reads without a round trip and is what a pending upload is retried from.
+    reads without a round trip and is what a pending upload is retried from. S3 arbitrates
+    between replicas: conditional writes and versioned reads go to it, and a pending upload
+    never replaces an object another replica stored in the meantime.
     """
 
     name = "s3"
@@ -167,6 +182,35 @@ class WriteThroughStorageBackend:
                 return self.local.head(key)
             raise
 
+    # ------------------------------------------------------- conditional writes
+
+    def get_versioned(self, key: str) -> VersionedObject:
+        """The object and its ETag from S3, the arbiter (another replica may have changed it)."""
+        return self.remote.get_versioned(key)
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str) -> str:
+        """Create in S3 unless the key exists there; then refresh the local copy."""
+        self.local.path_for(key)  # validates the key before anything is sent
+        version = self.remote.put_if_absent(key, data, content_type)
+        self._keep_local_copy(key, data, content_type)
+        return version
+
+    def put_if_match(self, key: str, data: bytes, content_type: str, version: str) -> str:
+        """Replace in S3 if its ETag is still `version`; then refresh the local copy."""
+        self.local.path_for(key)
+        new_version = self.remote.put_if_match(key, data, content_type, version)
+        self._keep_local_copy(key, data, content_type)
+        return new_version
+
+    def _keep_local_copy(self, key: str, data: bytes, content_type: str) -> None:
+        self.known.add(key)
+        if key in self.pending:
+            return  # the local copy holds writes S3 has not seen yet: retry_pending merges them
+        try:
+            self.local.put_bytes(key, data, content_type)
+        except OSError as error:  # S3 took it: a failed cache write is no loss
+            logger.warning("stored %s in S3 but not locally: %s", key, error)
+
     def delete(self, key: str) -> None:
         """Delete from both tiers and forget any pending upload."""
         self.known.discard(key)
@@ -226,6 +270,13 @@ class WriteThroughStorageBackend:
             return None
         return self.local.local_copy(key)
 
+    def hold(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Write the local copy only and mark it pending; retry_pending reconciles it with S3."""
+        stored = self.local.put_bytes(key, data, content_type)
+        self.known.discard(key)
+        self.pending.add(key, content_type, "held locally while S3 was unreachable")
+        return StoredObject(stored.info, pending=True)
+
     def is_pending(self, key: str) -> bool:
         """Whether `key` is held locally only."""
         return key in self.pending
@@ -234,8 +285,12 @@ class WriteThroughStorageBackend:
         """Keys waiting for an upload."""
         return [record.key for record in self.pending.records()]
 
-    def retry_pending(self) -> list[str]:
-        """Upload every pending key from its local copy; return those that succeeded."""
+    def retry_pending(self, merger_for: MergerFor | None = None) -> list[str]:
+        """Upload every pending key from its local copy; return those that succeeded.
+
+        Uploads are create-if-absent: an object another replica stored meanwhile is newer than
+        this copy and stays, unless `merger_for(key)` combines the two (a job manifest, say).
+        """
         uploaded = []
         for record in self.pending.records():
             try:
@@ -244,7 +299,11 @@ class WriteThroughStorageBackend:
                     logger.error("pending upload %s has no local copy; dropping it", record.key)
                     self.pending.remove(record.key)
                     continue
-                self.remote.put_file(record.key, source, record.content_type)
+                try:
+                    self.remote.put_file(record.key, source, record.content_type, if_absent=True)
+                except PreconditionFailedError:
+                    merge = merger_for(record.key) if merger_for is not None else None
+                    self._reconcile(record.key, source, record.content_type, merge)
             except (StorageError, OSError) as error:
                 self.pending.add(record.key, record.content_type, str(error))
                 continue
@@ -254,6 +313,24 @@ class WriteThroughStorageBackend:
         if uploaded:
             logger.info("uploaded %d pending object(s)", len(uploaded))
         return uploaded
+
+    def _reconcile(self, key: str, source: Path, content_type: str, merge: Merge | None) -> None:
+        """S3 got an object under a pending key meanwhile: merge into it, or let it stand."""
+        if merge is not None:
+            mine = source.read_bytes()
+            updated = update_object(
+                self.remote,
+                key,
+                lambda theirs: None if theirs is None else merge(mine, theirs),
+                content_type=content_type,
+            )
+            if updated.changed:
+                logger.info("merged the pending copy of %s into the one in S3", key)
+            if updated.data is not None:
+                self.local.put_bytes(key, updated.data, content_type)  # cache what S3 holds
+                return
+        logger.warning("%s was stored in S3 by another writer meanwhile; that copy stands", key)
+        self.local.delete(key)  # stale here: the next read fetches S3's
 
     def check(self) -> None:
         """Raise a StorageError unless S3 answers."""

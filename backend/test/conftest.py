@@ -26,6 +26,7 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from atomic_moto import make_conditional_writes_atomic
 from config import REPO_ROOT, Settings, load_settings
 from fake_replicate import FakeReplicate
 from main import create_app
@@ -49,6 +50,8 @@ hypothesis.settings.register_profile("suite", database=None)
 hypothesis.settings.load_profile("suite")
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
 SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
+# moto, in-process and as a server, decides conditional writes atomically, as S3 does.
+make_conditional_writes_atomic()
 
 
 @pytest.fixture(autouse=True)

@@ -3,16 +3,22 @@ cannot be made to send (a truncated stream, an unreadable event, images for othe
 
 It is an `httpx.MockTransport`: the client's requests, streaming and parsing run for real;
 only the network and the worker are replaced. The normal paths run against the real worker
-app on Ray (test_worker_tier.py).
+app on Ray (test_worker_tier.py). `PacedWorker` serves the same protocol over real HTTP, at a
+chosen pace, for API processes started by the tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from fake_replicate import png_bytes
 from services.generation.worker_protocol import (
@@ -70,3 +76,60 @@ class FakeWorker:
         if self.replies:
             return self.replies.pop(0)(body)
         return stream(*good_events(body))
+
+
+@dataclass
+class PacedWorker:
+    """A worker tier over real HTTP whose generations take `steps` x `step_seconds`.
+
+    For API processes that need a generation running long enough to be seen and canceled
+    from elsewhere; it counts the generations it was asked for and those whose caller
+    closed the stream before the end (a cancel).
+    """
+
+    token: str = TOKEN
+    steps: int = 4
+    step_seconds: float = 0.02
+    generate_calls: int = 0
+    finished: int = 0
+    closed_early: int = 0
+
+    def app(self) -> Starlette:
+        """The ASGI app to serve (live_server.serve)."""
+        return Starlette(
+            routes=[
+                Route("/ready", self._ready),
+                Route("/generate", self._generate, methods=["POST"]),
+            ]
+        )
+
+    async def _ready(self, request: Request) -> Response:
+        if request.headers.get(TOKEN_HEADER) != self.token:
+            return JSONResponse({"detail": {"error": "Unauthorized", "message": "x"}}, 401)
+        return JSONResponse({"status": "ready", "model": "paced/model"})
+
+    async def _generate(self, request: Request) -> Response:
+        if request.headers.get(TOKEN_HEADER) != self.token:
+            return JSONResponse({"detail": {"error": "Unauthorized", "message": "x"}}, 401)
+        body = await request.json()
+        self.generate_calls += 1
+        steps, step_seconds = self.steps, self.step_seconds
+
+        async def events() -> AsyncIterator[bytes]:
+            completed = False
+            try:
+                yield encode_event(Accepted(replica="paced-replica"))
+                for step in range(1, steps + 1):
+                    await asyncio.sleep(step_seconds)
+                    yield encode_event(Progress(step=step, total_steps=steps))
+                for seed in body["seeds"]:
+                    yield encode_event(EncodedImage(seed, "image/png", png_bytes(seed)))
+                yield encode_event(Done(model="paced/model", parameters={}))
+                completed = True
+            finally:
+                if completed:
+                    self.finished += 1
+                else:
+                    self.closed_early += 1
+
+        return StreamingResponse(events(), media_type=STREAM_MEDIA_TYPE)

@@ -9,11 +9,11 @@ import time
 from collections.abc import Iterator
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.applications import Starlette
 
 
 @contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
+def serve(app: Starlette) -> Iterator[str]:
     """Run `app` (lifespan included) on a free loopback port; yield its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,105 @@
+"""API replicas as separate uvicorn processes on loopback, sharing only the storage tier."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from config import REPO_ROOT, Settings
+
+BACKEND_DIR = REPO_ROOT / "backend"
+_SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+OFFLINE_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@dataclass
+class Replica:
+    """One API process."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def process_environment(settings: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without any setting or AWS variable, plus `settings`."""
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in _SETTING_NAMES and not name.startswith("AWS_")
+    }
+    return {**inherited, **OFFLINE_AWS, **settings}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(replica: Replica, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if replica.process.poll() is not None:
+            raise RuntimeError(f"{replica.name} exited:\n{replica.log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(replica.url + "/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{replica.name} did not answer /health:\n{replica.log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def run_replicas(
+    settings_by_name: Mapping[str, Mapping[str, str]], log_dir: Path, timeout: float = 90
+) -> Iterator[list[Replica]]:
+    """Start one uvicorn process per name with its settings; stop them all afterwards."""
+    replicas: list[Replica] = []
+    try:
+        for name, settings in settings_by_name.items():
+            port = _free_port()
+            log = log_dir / f"{name}.log"
+            command = [
+                sys.executable, "-m", "uvicorn", "main:app",
+                "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+            ]  # fmt: skip
+            with log.open("wb") as output:
+                process = subprocess.Popen(
+                    command,
+                    cwd=BACKEND_DIR,
+                    env=process_environment({"INSTANCE_NAME": name, **settings}),
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                )
+            replicas.append(Replica(name, f"http://127.0.0.1:{port}", process, log))
+        for replica in replicas:
+            _wait_healthy(replica, timeout)
+        yield replicas
+    finally:
+        for replica in replicas:
+            replica.process.terminate()
+        for replica in replicas:
+            try:
+                replica.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                replica.process.kill()
+                replica.process.wait()

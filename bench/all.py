@@ -4,6 +4,8 @@ Run with `make bench`. Each row sets a figure of the backend against a bare base
 in the same run (bare boto3, a bare Starlette app, the bare pipeline, the idle server), so the
 ratio means the same on any machine:
 - storage: presigning and persisting through AssetPersistenceService vs bare boto3 (moto S3);
+- contention: attaches to one job from 8 writers on two API replicas vs one writer (S3, and
+  one shared OUTPUT_DIR), with the retries per attach and a check that none was lost;
 - serving: image GETs through the API vs bare Starlette apps, local bytes and 307 redirects;
 - the event loop: /health latency while generations run vs idle;
 - generation: the API end to end vs the bare pipeline (tiny FLUX on the CPU);
@@ -29,6 +31,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import contention
 import generation
 import gpu_generation
 import health_under_load
@@ -48,6 +51,7 @@ def main() -> int:
     rows: list[Row] = []
     steps = [
         ("storage", lambda: asyncio.run(storage.measure(rounds))),
+        ("contention", lambda: contention.measure(32 if options.quick else 64)),
         ("serving", lambda: serving.measure(500 if options.quick else 1000, rounds)),
         ("event loop", lambda: health_under_load.measure(300 if options.quick else 500)),
         ("generation", lambda: generation.measure(rounds)),

@@ -45,9 +45,11 @@ BUCKET = "bench-bucket"
 
 
 def start_moto_server() -> tuple[subprocess.Popen[bytes], str]:
-    """Start moto's S3 server in a child process on a free loopback port."""
+    """Start moto's S3 server (conditional writes decided atomically, as S3 does) in a child
+    process on a free loopback port."""
+    moto_server = str(BACKEND_DIR / "test" / "atomic_moto.py")
     return start_listening(
-        lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        lambda port: [sys.executable, moto_server, "-H", "127.0.0.1", "-p", str(port)],
         timeout=30,
     )
 

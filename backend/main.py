@@ -45,7 +45,14 @@ CORS_REQUEST_HEADERS = [
     "If-None-Match",
     "Range",
 ]
-CORS_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Location", "ETag", "Content-Range"]
+CORS_EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "X-Generation-Id",
+    "Retry-After",
+    "Location",
+    "ETag",
+    "Content-Range",
+]
 
 
 async def retry_pending_uploads_forever(service: AssetPersistenceService, interval: float) -> None:

@@ -290,7 +290,7 @@ class AssetPersistenceService:
         """Store image bytes under the standalone key with its sidecar (and the job's, if given).
 
         With a `job_id`, the copy under the job is not yet listed in its manifest: the caller
-        lists every image of a request at once with `add_to_job_manifest(stored.job_entry)`.
+        passes the `job_entry` of every image of a request to `add_to_job_manifest` at once.
         Raises UnsupportedImageError unless `data` is a PNG, JPEG or WebP image.
         """
         image_id = parse_image_id(image_id)

@@ -372,21 +372,18 @@ def test_a_failed_request_releases_its_key_for_a_retry(tmp_path: Path) -> None:
     backend = LocalStorageBackend(tmp_path)
     store = IdempotencyStore(backend, wait_seconds=0.3)
 
-    async def scenario() -> str | None:
+    async def scenario() -> None:
         with pytest.raises(RuntimeError):
             async with store.reserve("jobs", "key-3", {"a": 1}):
                 raise RuntimeError("creating the resource failed")
+        assert not backend.exists(record_key("jobs", "key-3"))  # released
         async with store.reserve("jobs", "key-3", {"a": 1}) as retry:
-            assert retry.existing is None
+            assert retry.existing is None  # the retry owns the key and creates
             retry.record("job-retried")
-            return retry.existing
 
-    assert asyncio.run(scenario()) is None
-    assert (
-        not backend.exists(record_key("jobs", "key-3"))
-        or json.loads(backend.get_bytes(record_key("jobs", "key-3")))["resource_id"]
-        == "job-retried"
-    )
+    asyncio.run(scenario())
+    stored = json.loads(backend.get_bytes(record_key("jobs", "key-3")))
+    assert stored["resource_id"] == "job-retried"
 
 
 # ------------------------------------------------------------------ errors at the API

@@ -104,17 +104,15 @@ class GenerationRecordStore:
                 return None
             return data
 
-        write = asyncio.to_thread(
-            update_object, self.storage, generation_key(record.generation_id), change
-        )
+        key = generation_key(record.generation_id)
         marker = active_prefix(record.instance) + record.generation_id
-        if record.status == "queued":
-            updated, _ = await asyncio.gather(
-                write,
+        if record.status == "queued":  # a new id: create it, no read needed
+            await asyncio.gather(
+                asyncio.to_thread(self.storage.put_if_absent, key, data, "application/json"),
                 asyncio.to_thread(self.storage.put_bytes, marker, b"", "application/octet-stream"),
             )
-            return updated.changed
-        updated = await write
+            return True
+        updated = await asyncio.to_thread(update_object, self.storage, key, change)
         if record.finished:
             await asyncio.to_thread(self.storage.delete, marker)
         return updated.changed

@@ -436,6 +436,10 @@ def test_records_left_running_by_a_crash_are_failed_at_start_up(
     status = wait_until(again, f"{JOBS}/{record.generation_id}", finished, timeout=10)
     assert status["status"] == "failed"
     assert status["error"]["error"] == "Interrupted"
+    # The marker goes right after the failed record is written (never before it).
+    deadline = time.monotonic() + 5
+    while storage.list_keys(active_prefix(record.instance)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert storage.list_keys(active_prefix(record.instance)) == []
 
 

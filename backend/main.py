@@ -12,14 +12,19 @@ from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI, Security
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from config import Settings, SettingsError, get_settings
-from middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    JsonCORSMiddleware,
+    RequestContextMiddleware,
+)
 from observability import configure_logging
 from routers import debug, generations, jobs, mv, system
 from routers.deps import API_KEY_SCHEME, check_path_ids
-from routers.errors import classify_error, install_error_handlers
+from routers.errors import classify_error, install_error_handlers, install_error_schema
 from routers.upload_limits import MAX_JSON_BODY_BYTES, UPLOAD_PATH
 from services.asset_persistence import AssetPersistenceService
 from services.character_references import CharacterReferenceService
@@ -157,13 +162,15 @@ def create_app(
             if storage_backend is None:
                 await asyncio.to_thread(storage.close)
 
-    app = FastAPI(
+    # /docs and /redoc load their scripts from a package, not a CDN: they work offline.
+    app = FastAPIOffline(
         title="Music-video backend",
         version=__version__,
         description="Character reference images, their storage, video jobs and their assets.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_error_schema(app)
     # Routes under /api get the API key scheme in the OpenAPI schema when keys are set
     # (ApiKeyMiddleware enforces it), and bind path ids to their log lines.
     api_dependencies = [Depends(check_path_ids)]
@@ -185,7 +192,7 @@ def create_app(
     origins = settings.cors_origin_list
     if origins:
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=origins,
             allow_credentials=origins != ["*"],  # never credentials with a wildcard
             allow_methods=["GET", "HEAD", "POST", "DELETE"],

@@ -11,17 +11,21 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability import request_id_var
+from routers.errors.shape import error_body, error_response
 from services.metrics import Metrics
 
 logger = logging.getLogger("mv.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _INTERNAL_ERROR = json.dumps(
-    {"detail": {"error": "InternalError", "message": "internal error; see the server log"}}
+    error_body("InternalError", "internal error; see the server log")
 ).encode()
 
 
@@ -129,8 +133,8 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        detail = {"error": "Unauthorized", "message": "a valid X-API-Key header is required"}
-        await _send_json(send, 401, {"detail": detail}, [(b"www-authenticate", b"ApiKey")])
+        body = error_body("Unauthorized", "a valid X-API-Key header is required")
+        await _send_json(send, 401, body, [(b"www-authenticate", b"ApiKey")])
 
 
 async def _send_json(
@@ -161,7 +165,7 @@ class BodyLimitMiddleware:
 
     def _too_large(self) -> dict[str, Any]:
         limit_kb = self.max_bytes // 1024
-        return {"detail": {"error": "TooLarge", "message": f"the body is over {limit_kb} KB"}}
+        return error_body("TooLarge", f"the body is over {limit_kb} KB")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.own_limit_paths:
@@ -183,3 +187,20 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered in the API's error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        """The preflight reply; a refusal is a JSON 400 naming what was not allowed."""
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = error_response(
+            response.status_code, "CorsRefused", bytes(response.body).decode() or "refused"
+        )
+        for name, value in response.headers.items():
+            if name.lower().startswith("access-control-") or name.lower() == "vary":
+                refused.headers[name] = value
+        return refused

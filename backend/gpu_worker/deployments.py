@@ -38,7 +38,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import Receive, Scope, Send
 
 from mv.character_reference import MAX_IMAGES
-from routers.errors import error_response  # the API's one error shape
+from routers.errors.shape import error_response  # the API's one error shape
 from services.generation.base import (
     GenerationCanceledError,
     GenerationError,

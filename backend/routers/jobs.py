@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
 from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep
+from routers.errors import shown
 from routers.mv import cloud_location
 from routers.serving import REVALIDATE_CACHE, stored_file_response
 from services.image_delivery import CloudImage
@@ -99,7 +100,7 @@ async def get_job_asset(
 ) -> Response:
     """Any file of a job: its bytes, or its presigned URL (JSON or 307) in cloud mode."""
     key, sha256 = await jobs.asset_key(job_id, path)
-    missing = ObjectNotFoundError(key, f"job {job_id} has no asset {path!r}")
+    missing = ObjectNotFoundError(key, f"job {job_id} has no asset {shown(path)}")
     located = await delivery.locate_key(key, sha256, missing)
     return stored_file_response(
         request,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.datastructures import UploadFile
 
 from mv.character_reference import (
@@ -23,6 +23,7 @@ from routers.deps import (
     IdempotencyKeyHeader,
     ImageDeliveryDep,
 )
+from routers.errors import FieldError
 from routers.serving import stored_file_response
 from routers.upload_limits import MAX_UPLOAD_BYTES, MULTIPART_OVERHEAD, capped_request, too_large
 from services.asset_records import CharacterReferenceRecord
@@ -130,7 +131,7 @@ async def upload_character_reference(
     async with capped.form(max_files=1, max_fields=4) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise _form_error("file", "a file is required in the multipart field 'file'")
+            raise FieldError(("body", "file"), "a file is required in the multipart field 'file'")
         data = await upload.read(MAX_UPLOAD_BYTES + 1)
         description = form.get("character_description")
     if len(data) > MAX_UPLOAD_BYTES:
@@ -138,13 +139,10 @@ async def upload_character_reference(
     if description is not None and (
         not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS
     ):
-        raise _form_error("character_description", f"at most {MAX_DESCRIPTION_CHARS} characters")
+        raise FieldError(
+            ("body", "character_description"), f"at most {MAX_DESCRIPTION_CHARS} characters"
+        )
     return await service.upload(data, (description or "").strip() or None)
-
-
-def _form_error(field: str, message: str) -> HTTPException:
-    """A 422 naming the form field, shaped like FastAPI's own validation errors."""
-    return HTTPException(422, [{"type": "value_error", "loc": ["body", field], "msg": message}])
 
 
 @router.get(

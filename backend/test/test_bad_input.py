@@ -66,7 +66,7 @@ def raw_request(
 
 def field_of(body: bytes) -> list[Any]:
     """The `loc` of the first validation error in a 422 reply."""
-    return json.loads(body)["detail"][0]["loc"]
+    return json.loads(body)["detail"]["fields"][0]["loc"]
 
 
 # (name, method, path, JSON body or None, expected status, the field a 422 must name)
@@ -392,7 +392,7 @@ def test_idempotency_key_too_long_is_a_422_naming_the_header(server: str) -> Non
     with httpx.Client(base_url=server) as client:
         reply = client.post(JOBS, json={}, headers={"Idempotency-Key": "k" * 256})
     assert reply.status_code == 422
-    assert reply.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert reply.json()["detail"]["fields"][0]["loc"] == ["header", "Idempotency-Key"]
 
 
 def test_body_that_is_not_utf8_is_a_422_naming_the_body(server: str) -> None:

@@ -141,7 +141,7 @@ def test_unknown_and_malformed_generation_ids(make_api: Callable[..., ApiHarness
     for bad in ("not-a-uuid", "00000000-0000-0000-0000-00000000000g", "1" * 40):
         reply = api.client.get(f"{JOBS}/{bad}")
         assert reply.status_code == 422
-        assert reply.json()["detail"][0]["loc"] == ["path", "generation_id"]
+        assert reply.json()["detail"]["fields"][0]["loc"] == ["path", "generation_id"]
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_bad_async_bodies_are_422_naming_the_field(
     api = make_api()
     reply = api.client.post(JOBS, json={**BODY, field: value})
     assert reply.status_code == 422
-    assert reply.json()["detail"][0]["loc"][-1] == field
+    assert reply.json()["detail"]["fields"][0]["loc"][-1] == field
 
 
 # ---------------------------------------------------------------------- cancel
@@ -306,8 +306,8 @@ def test_webhooks_need_a_secret(make_api: Callable[..., ApiHarness]) -> None:
     api = make_api(webhook_secret="")
     reply = api.client.post(JOBS, json={**BODY, "webhook_url": "https://example.com/hook"})
     assert reply.status_code == 422
-    assert reply.json()["detail"][0]["loc"] == ["body", "webhook_url"]
-    assert "WEBHOOK_SECRET" in reply.json()["detail"][0]["msg"]
+    assert reply.json()["detail"]["fields"][0]["loc"] == ["body", "webhook_url"]
+    assert "WEBHOOK_SECRET" in reply.json()["detail"]["fields"][0]["message"]
 
 
 def test_webhook_to_a_private_address_is_not_sent_unless_allowed(
@@ -339,7 +339,7 @@ def test_idempotency_key_returns_the_same_generation(make_api: Callable[..., Api
     assert again["generation_id"] == first["generation_id"]
     other = api.client.post(JOBS, json={**BODY, "seed": 6}, headers={"Idempotency-Key": "order-42"})
     assert other.status_code == 422
-    assert other.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert other.json()["detail"]["fields"][0]["loc"] == ["header", "Idempotency-Key"]
     fresh = submit(api, BODY, **{"Idempotency-Key": "order-43"})
     assert fresh["generation_id"] != first["generation_id"]
 
@@ -366,7 +366,7 @@ def test_malformed_idempotency_keys_are_422(
     api = make_api()
     reply = api.client.post(JOBS, json=BODY, headers={"Idempotency-Key": key})
     assert reply.status_code == 422
-    assert reply.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert reply.json()["detail"]["fields"][0]["loc"] == ["header", "Idempotency-Key"]
 
 
 # ---------------------------------------------------------------- backpressure

@@ -79,9 +79,9 @@ def test_a_backend_this_server_does_not_offer_is_a_422_naming_the_field(
         for route in (GENERATE, "/api/mv/character_reference_jobs"):
             reply = api.client.post(route, json={**BODY, "backend": "replicate"})
             assert reply.status_code == 422
-            detail = reply.json()["detail"][0]
+            detail = reply.json()["detail"]["fields"][0]
             assert detail["loc"] == ["body", "backend"]
-            assert why in detail["msg"]
+            assert why in detail["message"]
 
 
 def test_backend_replicate_skips_the_local_model(make_api: Callable[..., ApiHarness]) -> None:

@@ -127,7 +127,7 @@ def test_create_job_is_idempotent_with_a_key(make_api: Callable[..., ApiHarness]
     assert again.json()["job_id"] == first.json()["job_id"]
     other = api.client.post(JOBS, json={"metadata": {"a": 2}}, headers=headers)
     assert other.status_code == 422
-    assert other.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert other.json()["detail"]["fields"][0]["loc"] == ["header", "Idempotency-Key"]
 
 
 def test_attaching_an_unknown_image_attaches_nothing(make_api: Callable[..., ApiHarness]) -> None:
@@ -180,7 +180,7 @@ def test_bad_job_input_is_422_naming_the_field(
     api = make_api()
     reply = api.client.request(method.upper(), path, json=body)
     assert reply.status_code == 422, reply.text
-    assert reply.json()["detail"][0]["loc"][1] == field
+    assert reply.json()["detail"]["fields"][0]["loc"][1] == field
 
 
 def test_asset_paths_cannot_leave_the_job(make_api: Callable[..., ApiHarness]) -> None:
@@ -190,7 +190,7 @@ def test_asset_paths_cannot_leave_the_job(make_api: Callable[..., ApiHarness]) -
     for path in ("..%2F..%2Fcharacter_references%2Fx.png", "a/%2E%2E/%2E%2E/b", "%00", "a//b"):
         reply = api.client.get(f"{JOBS}/j4/assets/{path}")
         assert reply.status_code == 422, path
-        assert reply.json()["detail"][0]["loc"] == ["path", "path"]
+        assert reply.json()["detail"]["fields"][0]["loc"] == ["path", "path"]
 
 
 def test_cloud_serving_of_job_assets(make_api: Callable[..., ApiHarness]) -> None:

@@ -203,7 +203,7 @@ def test_bad_generation_input_is_a_422_naming_the_field(
     api = make_api()
     reply = api.client.post(GENERATE, json=body)
     assert reply.status_code == 422
-    assert any(problem["loc"][-1] == field for problem in reply.json()["detail"])
+    assert any(problem["loc"][-1] == field for problem in reply.json()["detail"]["fields"])
     assert stored_files(api) == []
 
 
@@ -339,7 +339,7 @@ def test_bad_ids_are_a_422_naming_the_image_id(
     ):
         reply = api.client.get(path)
         assert reply.status_code == 422, (path, reply.status_code)
-        assert reply.json()["detail"][0]["loc"] == ["path", "image_id"]
+        assert reply.json()["detail"]["fields"][0]["loc"] == ["path", "image_id"]
 
 
 # ---------------------------------------------------------------------- uploads
@@ -453,14 +453,14 @@ def test_upload_without_a_file_is_a_422_naming_it(make_api: Callable[..., ApiHar
     api = make_api()
     reply = api.client.post(UPLOAD, data={"character_description": "x"})
     assert reply.status_code == 422
-    assert reply.json()["detail"][0]["loc"] == ["body", "file"]
+    assert reply.json()["detail"]["fields"][0]["loc"] == ["body", "file"]
     long = api.client.post(
         UPLOAD,
         files={"file": ("a.png", image_bytes(), "image/png")},
         data={"character_description": "x" * 2001},
     )
     assert long.status_code == 422
-    assert long.json()["detail"][0]["loc"] == ["body", "character_description"]
+    assert long.json()["detail"]["fields"][0]["loc"] == ["body", "character_description"]
 
 
 # ----------------------------------------------------------------------- config

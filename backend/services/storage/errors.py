@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.echo import shown
+
 
 class StorageError(Exception):
     """A storage operation failed; the message says which operation and key."""
@@ -15,7 +17,7 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
     """No object is stored under the key."""
 
     def __init__(self, key: str, message: str | None = None) -> None:
-        super().__init__(message or f"no object stored under {key!r}")
+        super().__init__(message or f"no object stored under {shown(key)}")
         self.key = key
 
 
@@ -23,7 +25,7 @@ class IntegrityError(StorageError):
     """Stored bytes do not match the expected SHA-256."""
 
     def __init__(self, key: str, expected: str, actual: str) -> None:
-        super().__init__(f"{key!r}: sha256 is {actual}, expected {expected}")
+        super().__init__(f"{shown(key)}: sha256 is {actual}, expected {expected}")
         self.key = key
         self.expected = expected
         self.actual = actual
@@ -38,7 +40,7 @@ class PreconditionFailedError(StorageError):
     it changed or went away since it was read (replace). Read it again and decide anew."""
 
     def __init__(self, key: str, message: str | None = None) -> None:
-        super().__init__(message or f"{key!r} changed since it was read")
+        super().__init__(message or f"{shown(key)} changed since it was read")
         self.key = key
 
 

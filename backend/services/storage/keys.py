@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+from services.echo import shown
 from services.storage.errors import InvalidKeyError
 
 CHARACTER_REFERENCES_PREFIX = "character_references"
@@ -24,17 +25,19 @@ _EXTENSION_ALIASES = {"jpeg": "jpg"}
 def parse_image_id(value: object) -> str:
     """Return the canonical form of a UUID image id, or raise InvalidKeyError."""
     if not isinstance(value, str) or not value:
-        raise InvalidKeyError(f"image id must be a UUID, got {value!r}")
+        raise InvalidKeyError(f"image id must be a UUID, got {shown(value)}")
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise InvalidKeyError(f"image id must be a UUID, got {value!r}") from None
+        raise InvalidKeyError(f"image id must be a UUID, got {shown(value)}") from None
 
 
 def parse_job_id(value: object) -> str:
     """Return the job id if it matches ^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$, else raise."""
     if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
-        raise InvalidKeyError(f"job id must match [A-Za-z0-9][A-Za-z0-9_-]{{0,127}}, got {value!r}")
+        raise InvalidKeyError(
+            f"job id must match [A-Za-z0-9][A-Za-z0-9_-]{{0,127}}, got {shown(value)}"
+        )
     return value
 
 
@@ -44,25 +47,25 @@ def normalize_image_extension(extension: str) -> str:
     ext = _EXTENSION_ALIASES.get(ext, ext)
     if ext not in IMAGE_CONTENT_TYPES:
         allowed = ", ".join(sorted({*IMAGE_CONTENT_TYPES, *_EXTENSION_ALIASES}))
-        raise InvalidKeyError(f"image extension must be one of {allowed}, got {extension!r}")
+        raise InvalidKeyError(f"image extension must be one of {allowed}, got {shown(extension)}")
     return ext
 
 
 def validate_key(key: object) -> str:
     """Check a storage key: relative, '/'-separated, no empty, '.' or '..' segment, no escapes."""
     if not isinstance(key, str) or not key:
-        raise InvalidKeyError(f"storage key must be a non-empty string, got {key!r}")
+        raise InvalidKeyError(f"storage key must be a non-empty string, got {shown(key)}")
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise InvalidKeyError(f"storage key is longer than {MAX_KEY_BYTES} bytes")
     if key.startswith("/") or "\\" in key or "%" in key:
-        raise InvalidKeyError(f"storage key must be relative, without '\\' or '%': {key!r}")
+        raise InvalidKeyError(f"storage key must be relative, without '\\' or '%': {shown(key)}")
     if _CONTROL_OR_SURROGATE.search(key):
-        raise InvalidKeyError(f"storage key contains control characters: {key!r}")
+        raise InvalidKeyError(f"storage key contains control characters: {shown(key)}")
     segments = key.split("/")
     if any(segment in {"", ".", ".."} for segment in segments):
-        raise InvalidKeyError(f"storage key has an empty, '.' or '..' segment: {key!r}")
+        raise InvalidKeyError(f"storage key has an empty, '.' or '..' segment: {shown(key)}")
     if segments[0].startswith("."):
-        raise InvalidKeyError(f"storage keys starting with '.' are reserved: {key!r}")
+        raise InvalidKeyError(f"storage keys starting with '.' are reserved: {shown(key)}")
     return key
 
 

@@ -11,6 +11,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from services.echo import shown
 from services.storage.atomic import CHUNK_SIZE, atomic_writer, is_temp_file, sha256_file
 from services.storage.base import ObjectInfo, StoredObject, VersionedObject
 from services.storage.errors import (
@@ -66,7 +67,7 @@ class LocalStorageBackend:
             except (FileNotFoundError, NotADirectoryError):
                 break  # nothing exists deeper, so nothing deeper is a link
             if stat.S_ISLNK(mode) and not Path(current).resolve().is_relative_to(self.root):
-                raise InvalidKeyError(f"storage key escapes the storage root: {key!r}")
+                raise InvalidKeyError(f"storage key escapes the storage root: {shown(key)}")
         return Path(self._root_str, key)
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
@@ -134,7 +135,7 @@ class LocalStorageBackend:
             with atomic_writer(path, exclusive=True) as handle:
                 handle.write(data)
         except FileExistsError:
-            raise PreconditionFailedError(key, f"{key!r} exists already") from None
+            raise PreconditionFailedError(key, f"{shown(key)} exists already") from None
         return hashlib.sha256(data).hexdigest()
 
     def put_if_match(self, key: str, data: bytes, content_type: str, version: str) -> str:
@@ -144,7 +145,7 @@ class LocalStorageBackend:
             try:
                 current, _ = sha256_file(path)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raise PreconditionFailedError(key, f"{key!r} is gone") from None
+                raise PreconditionFailedError(key, f"{shown(key)} is gone") from None
             if current != version:
                 raise PreconditionFailedError(key)
             with atomic_writer(path) as handle:
@@ -190,7 +191,7 @@ class LocalStorageBackend:
         try:
             path.unlink(missing_ok=True)
         except IsADirectoryError:
-            raise StorageError(f"{key!r} is a directory, not an object") from None
+            raise StorageError(f"{shown(key)} is a directory, not an object") from None
 
     def list_keys(self, prefix: str) -> list[str]:
         """Keys of all files under `prefix`, skipping unfinished writes and symlinks."""

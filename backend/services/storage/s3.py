@@ -22,6 +22,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from services.echo import shown
 from services.storage.atomic import CHUNK_SIZE, atomic_writer, sha256_file
 from services.storage.base import ObjectInfo, PresignedUrl, StoredObject, VersionedObject
 from services.storage.errors import (
@@ -68,6 +69,7 @@ def make_s3_client(
 @contextlib.contextmanager
 def _translated(operation: str, key: str) -> Iterator[None]:
     """Turn botocore errors into the storage hierarchy, naming the operation and key."""
+    where = shown(key)
     try:
         yield
     except ClientError as error:
@@ -77,14 +79,14 @@ def _translated(operation: str, key: str) -> Iterator[None]:
         if code in _CONDITION_FAILED_CODES:
             raise PreconditionFailedError(key) from None
         raise StorageError(
-            f"S3 {operation} of {key!r} failed: {code or 'unknown error'}"
+            f"S3 {operation} of {where} failed: {code or 'unknown error'}"
         ) from error
     except NoCredentialsError:
-        raise StorageError(f"S3 {operation} of {key!r} failed: no AWS credentials found") from None
+        raise StorageError(f"S3 {operation} of {where} failed: no AWS credentials found") from None
     except (BotoConnectionError, HTTPClientError) as error:
-        raise StorageUnavailableError(f"S3 {operation} of {key!r}: store unreachable") from error
+        raise StorageUnavailableError(f"S3 {operation} of {where}: store unreachable") from error
     except BotoCoreError as error:
-        raise StorageError(f"S3 {operation} of {key!r} failed: {type(error).__name__}") from error
+        raise StorageError(f"S3 {operation} of {where} failed: {type(error).__name__}") from error
 
 
 class S3StorageBackend:
@@ -141,7 +143,7 @@ class S3StorageBackend:
                 self._put_object(key, body, sha256, content_type, **conditions)
             return StoredObject(ObjectInfo(key, size, content_type, sha256))
         if if_absent and self.exists(key):
-            raise PreconditionFailedError(key, f"{key!r} exists already")
+            raise PreconditionFailedError(key, f"{shown(key)} exists already")
         with _translated("upload", key):
             self._client.upload_file(
                 str(source),
@@ -176,7 +178,7 @@ class S3StorageBackend:
         try:
             return self._put_object(key, data, sha256, content_type, IfMatch=version)
         except ObjectNotFoundError:
-            raise PreconditionFailedError(key, f"{key!r} is gone") from None
+            raise PreconditionFailedError(key, f"{shown(key)} is gone") from None
 
     def get_bytes(self, key: str) -> bytes:
         """Read a whole object."""

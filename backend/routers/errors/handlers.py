@@ -1,15 +1,24 @@
-"""Service errors to HTTP replies: one shape, `{"detail": {"error", "message"}}`, no tracebacks."""
+"""Errors to HTTP replies, all in the one shape of `routers.errors.shape`, never a traceback."""
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mv.generation_jobs import GenerationFailure
+from routers.errors.shape import (
+    MAX_ECHOED_CHARS,
+    FieldProblem,
+    error_body,
+    error_response,
+    validation_response,
+)
 from services.generation.base import (
     GenerationBusyError,
     GenerationCanceledError,
@@ -61,19 +70,26 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def error_response(status: int, error: str, message: str, **headers: str) -> JSONResponse:
-    """The JSON error reply every endpoint uses."""
-    return JSONResponse(
-        {"detail": {"error": error, "message": message}}, status_code=status, headers=headers
-    )
-
-
-# Errors about one request field: 422 in FastAPI's own validation shape, naming the field.
+# Service errors about one request field: a 422 naming it.
 _FIELD_ERRORS: list[tuple[type[Exception], tuple[str, str]]] = [
     (IdempotencyKeyError, ("header", "Idempotency-Key")),
     (WebhooksDisabledError, ("body", "webhook_url")),
     (GeneratorNotOfferedError, ("body", "backend")),
 ]
+
+
+class FieldError(Exception):
+    """A 422 about one request field that a route checks itself (a multipart form field)."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _field_loc(exc: Exception) -> tuple[str, ...]:
+    if isinstance(exc, FieldError):
+        return exc.loc
+    return next(loc for kind, loc in _FIELD_ERRORS if isinstance(exc, kind))
 
 
 def classify_error(exc: BaseException) -> GenerationFailure:
@@ -104,20 +120,51 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _field_error(request: Request, exc: Exception) -> JSONResponse:
-    loc = next(loc for kind, loc in _FIELD_ERRORS if isinstance(exc, kind))
-    detail = [{"type": "value_error", "loc": list(loc), "msg": str(exc)}]
-    return JSONResponse({"detail": detail}, status_code=422)
+    return validation_response([FieldProblem(loc=list(_field_loc(exc)), message=str(exc))])
+
+
+def _problem(error: Any) -> FieldProblem:
+    """One of FastAPI's validation errors, without its `input` (never echoed back)."""
+    loc = list(error.get("loc", ("body",)))
+    if error.get("type") == "json_invalid":
+        loc = ["body"]  # FastAPI points at a character offset; the body as a whole is bad
+    return FieldProblem(loc=loc, message=str(error.get("msg", "invalid")))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [_problem(error) for error in exc.errors()]
+    return validation_response(problems or [FieldProblem(loc=["body"], message="invalid")])
+
+
+def _http_error_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    except ValueError:
+        return "HttpError"
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no route, wrong method, undecodable body) in the one shape."""
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 400:
+    status, headers = exc.status_code, dict(exc.headers or {})
+    if status == 400:
         # FastAPI and Starlette answer 400 for a body they cannot decode (JSON that is not
         # UTF-8, a broken multipart form); like any other malformed body, that is a 422
         # naming the body. The backend itself never raises 400.
-        detail = [{"type": "body_invalid", "loc": ["body"], "msg": str(exc.detail)}]
-        return JSONResponse({"detail": detail}, status_code=422)
-    return await http_exception_handler(request, exc)
+        return validation_response([FieldProblem(loc=["body"], message=str(exc.detail))])
+    if isinstance(exc.detail, dict) and "error" in exc.detail:
+        body = {"detail": exc.detail}
+    else:
+        path = request.url.path[:MAX_ECHOED_CHARS]
+        if status == 404:
+            message = f"no route {path}"
+        elif status == 405:
+            message = f"{request.method} is not allowed on {path}; allowed: {headers.get('Allow')}"
+        else:
+            message = str(exc.detail)[:MAX_ECHOED_CHARS]
+        body = error_body(_http_error_name(status), message)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -126,7 +173,9 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map service errors to statuses; anything unexpected to a bare 500."""
+    """Map service errors to statuses, validation to 422s naming fields, the rest to a 500."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(FieldError, _field_error)
     for kind, _ in _FIELD_ERRORS:
         app.add_exception_handler(kind, _field_error)
     app.add_exception_handler(StoredGenerationFailedError, _service_error)

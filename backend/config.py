@@ -24,6 +24,7 @@ _SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD")
 _ORIGIN = re.compile(r"https?://[^\s/?#]+")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MIN_API_KEY_CHARS = 16
+MIN_SIGNING_SECRET_CHARS = 32
 # Generations one API replica runs at once when a worker tier makes the pixels: enough
 # concurrent requests for the worker to batch across them.
 WORKER_TIER_GENERATION_WORKERS = 16
@@ -63,6 +64,7 @@ class Settings(BaseSettings):
     s3_read_timeout: float = Field(default=30.0, gt=0, le=600)
     storage_max_concurrency: int = Field(default=8, ge=1, le=64)
     pending_upload_retry_seconds: float = Field(default=60.0, ge=1, le=86_400)
+    candidate_retention_days: int | None = Field(default=None, ge=1, le=36_500)
 
     # Generation
     image_generator: Literal["auto", "worker", "local", "replicate"] = "auto"
@@ -94,6 +96,7 @@ class Settings(BaseSettings):
 
     # Access and operations
     api_keys: SecretStr | None = None
+    url_signing_secret: SecretStr | None = None
     cors_origins: str = ""
     debug_endpoints: bool = False
     log_format: Literal["json", "text"] = "json"
@@ -106,6 +109,7 @@ class Settings(BaseSettings):
         "public_base_url",
         "worker_url",
         "generation_workers",
+        "candidate_retention_days",
         mode="before",
     )
     @classmethod
@@ -143,7 +147,9 @@ class Settings(BaseSettings):
             raise ValueError("must be 'owner/name' or 'owner/name:<64-hex version>'")
         return value
 
-    @field_validator("replicate_api_token", "webhook_secret", "api_keys", "worker_token")
+    @field_validator(
+        "replicate_api_token", "webhook_secret", "api_keys", "worker_token", "url_signing_secret"
+    )
     @classmethod
     def _token_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None or not value.get_secret_value().strip() else value
@@ -153,6 +159,13 @@ class Settings(BaseSettings):
     def _long_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_API_KEY_CHARS:
             raise ValueError(f"must be at least {MIN_API_KEY_CHARS} characters")
+        return value
+
+    @field_validator("url_signing_secret")
+    @classmethod
+    def _long_signing_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SIGNING_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_SIGNING_SECRET_CHARS} characters")
         return value
 
     @field_validator("api_keys")
@@ -218,6 +231,15 @@ class Settings(BaseSettings):
     def _s3_needs_bucket(self) -> Settings:
         if self.storage_backend == "s3" and self.storage_bucket is None:
             raise ValueError("STORAGE_BUCKET must be set when STORAGE_BACKEND=s3")
+        return self
+
+    @model_validator(mode="after")
+    def _api_keys_need_a_signing_secret(self) -> Settings:
+        # Image URLs must work in an <img src>, which cannot send X-API-Key: they are signed.
+        if self.api_keys is not None and self.url_signing_secret is None:
+            raise ValueError(
+                "URL_SIGNING_SECRET (at least 32 characters) must be set when API_KEYS is set"
+            )
         return self
 
     @model_validator(mode="after")

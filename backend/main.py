@@ -38,6 +38,7 @@ from services.jobs import JobService
 from services.metrics import Metrics
 from services.storage.atomic import remove_abandoned_temp_files
 from services.storage_backend import StorageBackend, get_storage_backend
+from services.url_signing import url_signer
 from services.webhooks import WebhookSender
 from version import __version__
 
@@ -188,7 +189,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=MAX_JSON_BODY_BYTES, own_limit_paths={UPLOAD_PATH}
     )
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_values)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_values, signer=url_signer(settings))
     origins = settings.cors_origin_list
     if origins:
         app.add_middleware(

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from observability import request_id_var
 from routers.errors.shape import error_body, error_response
 from services.metrics import Metrics
+from services.url_signing import SignatureCheck, UrlSigner
 
 logger = logging.getLogger("mv.access")
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -108,21 +109,38 @@ class RequestContextMiddleware:
 
 
 class ApiKeyMiddleware:
-    """When keys are configured, every /api request needs a valid X-API-Key header.
+    """When keys are configured, every /api request needs a valid X-API-Key header, or, for a
+    GET or HEAD, a valid URL signature (`signer`) for exactly its path.
 
     Checked before the body is read; each key is compared in constant time, and all of them
-    are compared, so the reply time does not tell which key came close.
+    are compared, so the reply time does not tell which key came close. A signature that is
+    there but wrong or expired is a 403; no key and no signature, a 401.
     """
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str], prefix: str = "/api/") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Sequence[str],
+        signer: UrlSigner | None = None,
+        prefix: str = "/api/",
+    ) -> None:
         self.app = app
         self._keys = [key.encode() for key in keys]
+        self._signer = signer
         self.prefix = prefix
 
     def _accepted(self, offered: str | None) -> bool:
         candidate = (offered or "").encode()
         matches = [hmac.compare_digest(candidate, key) for key in self._keys]
         return offered is not None and any(matches)
+
+    def _signature(self, scope: Scope) -> SignatureCheck:
+        if self._signer is None:
+            return SignatureCheck.ABSENT
+        check = self._signer.check(scope["path"], scope["query_string"].decode("latin-1"))
+        if check is SignatureCheck.VALID and scope["method"] not in ("GET", "HEAD"):
+            return SignatureCheck.INVALID  # signed URLs only ever read
+        return check
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -133,8 +151,18 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        body = error_body("Unauthorized", "a valid X-API-Key header is required")
-        await _send_json(send, 401, body, [(b"www-authenticate", b"ApiKey")])
+        check = self._signature(scope)
+        if check is SignatureCheck.VALID:
+            await self.app(scope, receive, send)
+        elif check is SignatureCheck.EXPIRED:
+            body = error_body("SignatureExpired", "the URL's signature has expired")
+            await _send_json(send, 403, body)
+        elif check is SignatureCheck.INVALID:
+            body = error_body("InvalidSignature", "the URL's signature does not match it")
+            await _send_json(send, 403, body)
+        else:
+            body = error_body("Unauthorized", "a valid X-API-Key header is required")
+            await _send_json(send, 401, body, [(b"www-authenticate", b"ApiKey")])
 
 
 async def _send_json(

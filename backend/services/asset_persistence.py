@@ -54,6 +54,7 @@ from services.storage_backend import (
     StorageError,
     get_storage_backend,
 )
+from services.url_signing import url_signer
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class AssetPersistenceService:
         # Told how many times another writer got to a job manifest first, per merge.
         self._on_conflict = on_conflict
         self.storage = storage_backend or get_storage_backend(self.settings)
-        self._local_urls = LocalAssetUrls(self.settings.public_base_url)
+        self.local_urls = LocalAssetUrls(self.settings.public_base_url, url_signer(self.settings))
         self._max_workers = self.settings.storage_max_concurrency
         # Capabilities are fixed per backend: check them once, not per URL.
         self._signer = self.storage if isinstance(self.storage, SignsUrls) else None
@@ -206,7 +207,7 @@ class AssetPersistenceService:
         if self._signer is not None and self.is_presigned(key):
             return self._signer.presign(key, self.settings.presigned_url_expiry).url
         # Local mode, or an upload still pending: the API serves the local copy.
-        return self._local_urls.for_key(key)
+        return self.local_urls.for_key(key)
 
     def _inline_url(self, key: str) -> str | None:
         """A presigned URL computed on the caller's thread, or None when that would need I/O.

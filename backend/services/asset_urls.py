@@ -1,4 +1,5 @@
-"""Local-mode URLs: each stored key maps to the API route that serves it."""
+"""Local-mode URLs: each stored key maps to the API route that serves it (signed when the
+API needs keys, so that the URL works on its own)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,41 @@ from services.storage.keys import (
     JOB_CHARACTER_REFERENCE_DIR,
     JOBS_PREFIX,
 )
+from services.url_signing import UrlSigner
 
 API_PREFIX = "/api/mv"
 
 
 class LocalAssetUrls:
-    """Builds API URLs for keys, prefixed by PUBLIC_BASE_URL when it is set."""
+    """Builds API URLs for keys, prefixed by PUBLIC_BASE_URL when it is set, signed by
+    `signer` when given."""
 
-    def __init__(self, public_base_url: str | None = None) -> None:
-        self._base = (public_base_url or "").rstrip("/") + API_PREFIX
+    def __init__(self, public_base_url: str | None = None, signer: UrlSigner | None = None) -> None:
+        self._origin = (public_base_url or "").rstrip("/")
+        self._signer = signer
+
+    def for_path(self, path: str) -> str:
+        """The URL of an API path (signed when a signer is set)."""
+        if self._signer is not None:
+            path = self._signer.sign(path)
+        return self._origin + path
 
     def for_key(self, key: str) -> str:
         """The URL that serves `key` through the API."""
+        return self.for_path(self.path_for_key(key))
+
+    @staticmethod
+    def path_for_key(key: str) -> str:
+        """The API path that serves `key`."""
         parts = key.split("/")
         if parts[0] == CHARACTER_REFERENCES_PREFIX and len(parts) == 2:
             image_id, _, extension = parts[1].rpartition(".")
             if extension != "json":
-                return f"{self._base}/get_character_reference/{image_id}"
+                return f"{API_PREFIX}/get_character_reference/{image_id}"
         if parts[0] == JOBS_PREFIX and len(parts) >= 3:
             job_id, rest = parts[1], parts[2:]
             if rest[0] == JOB_CHARACTER_REFERENCE_DIR and len(rest) == 2:
                 image_id = rest[1].rpartition(".")[0]
-                return f"{self._base}/jobs/{job_id}/character_references/{image_id}"
-            return f"{self._base}/jobs/{job_id}/assets/{quote('/'.join(rest))}"
-        return f"{self._base}/assets/{quote(key)}"
+                return f"{API_PREFIX}/jobs/{job_id}/character_references/{image_id}"
+            return f"{API_PREFIX}/jobs/{job_id}/assets/{quote('/'.join(rest))}"
+        return f"{API_PREFIX}/assets/{quote(key)}"

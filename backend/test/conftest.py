@@ -98,6 +98,10 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
+# A test value only: API keys need a URL signing secret.
+TEST_SIGNING_SECRET = "test-url-signing-secret-0123456789abcdef"
+
+
 def new_bucket_name() -> str:
     """A fresh, valid bucket name."""
     return f"test-{uuid.uuid4().hex[:20]}"
@@ -351,6 +355,8 @@ def make_api(
                 s3.create_bucket(Bucket=overrides["storage_bucket"])
         overrides.setdefault("local_model_id", str(tiny_sdxl_turbo))
         overrides.setdefault("local_device", "cpu")
+        if overrides.get("api_keys"):
+            overrides.setdefault("url_signing_secret", TEST_SIGNING_SECRET)
         if replicate is not None:
             overrides.setdefault("replicate_api_token", "r8_test-token")
         settings = make_settings(**overrides)

@@ -487,6 +487,7 @@ def test_config_debug_never_shows_a_secret(make_api: Callable[..., ApiHarness]) 
         "replicate_api_token": "r8_catalogue-secret-token",
         "webhook_secret": "catalogue-webhook-secret-0123",
         "api_keys": "catalogue-api-key-0123456789,second-catalogue-key-0123",
+        "url_signing_secret": "catalogue-url-signing-secret-0123456789",
     }
     api = make_api("s3", replicate=FakeReplicate(), debug_endpoints=True, **secrets)
     headers = {"X-API-Key": "second-catalogue-key-0123"}

@@ -25,7 +25,7 @@ from schemathesis.checks import (
 )
 
 from config import REPO_ROOT, Settings, load_settings
-from conftest import image_bytes, new_bucket_name, wait_until
+from conftest import TEST_SIGNING_SECRET, image_bytes, new_bucket_name, wait_until
 from live_server import serve
 from main import create_app
 from services.storage.s3 import make_s3_client
@@ -66,6 +66,7 @@ def _live_target(
         "local_model_id": str(model),
         "local_device": "cpu",
         "api_keys": API_KEY,
+        "url_signing_secret": TEST_SIGNING_SECRET,
         "max_queued_generations": 64,
     }
     if request.param == "s3":
@@ -95,7 +96,9 @@ def _live_target(
 
 def _served_schema() -> Any:
     """The schema the app serves with API keys on (the same in every storage mode)."""
-    settings_ = load_settings(_env_file=REPO_ROOT / ".env.test", api_keys=API_KEY)
+    settings_ = load_settings(
+        _env_file=REPO_ROOT / ".env.test", api_keys=API_KEY, url_signing_secret=TEST_SIGNING_SECRET
+    )
     return schemathesis.openapi.from_dict(create_app(settings_).openapi())
 
 

@@ -237,6 +237,7 @@ def test_without_api_keys_no_key_is_needed(make_api: Callable[..., ApiHarness]) 
         ("cors_origins", "https://app.example.com/path", "not an origin"),
         ("cors_origins", "*,https://app.example.com", "'*' alone"),
         ("webhook_secret", "short", "at least 16"),
+        ("url_signing_secret", "s" * 31, "at least 32"),
         ("instance_name", "has space", "must be"),
     ],
 )
@@ -247,8 +248,15 @@ def test_unsafe_settings_are_refused_naming_the_setting(
         load_settings(_env_file=None, **{name: value})
     assert name.upper() in str(error.value)
     assert message in str(error.value)
-    if name in ("api_keys", "webhook_secret"):
+    if name in ("api_keys", "webhook_secret", "url_signing_secret"):
         assert value not in str(error.value).replace(name.upper(), "")
+
+
+def test_api_keys_without_a_url_signing_secret_are_refused() -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings(_env_file=None, api_keys=KEY)
+    assert "URL_SIGNING_SECRET" in str(error.value)
+    assert KEY not in str(error.value)
 
 
 # ------------------------------------------------------------------------ CORS

@@ -202,6 +202,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
+def assert_error_shape(body: Any, error: str | None = None) -> dict[str, Any]:
+    """`body` is `{"detail": {"error", "message", ...}}` (with `error` when given)."""
+    detail = body["detail"]
+    assert isinstance(detail, dict), body
+    assert isinstance(detail["error"], str) and detail["error"]
+    assert isinstance(detail["message"], str) and detail["message"]
+    if error is not None:
+        assert detail["error"] == error, body
+    return detail
+
+
 def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
     """A small real image in the given Pillow format."""
     image = Image.effect_noise(size, 64).convert("RGB")

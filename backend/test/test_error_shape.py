@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from conftest import ApiHarness
+from conftest import ApiHarness, assert_error_shape
 
 ORIGIN = "http://studio.example"
-
-
-def assert_error_shape(body: Any, error: str | None = None) -> dict[str, Any]:
-    """`body` is `{"detail": {"error", "message", ...}}` (with `error` when given)."""
-    detail = body["detail"]
-    assert isinstance(detail, dict), body
-    assert isinstance(detail["error"], str) and detail["error"]
-    assert isinstance(detail["message"], str) and detail["message"]
-    if error is not None:
-        assert detail["error"] == error, body
-    return detail
 
 
 @pytest.fixture

@@ -95,6 +95,9 @@ class GenerateCharacterReferenceRequest(BaseModel):
         return None if value is None else parse_job_id(value)
 
 
+THUMBNAIL_URL_DESCRIPTION = "a WebP of at most 256 px on its long side, made on first request"
+
+
 class CharacterReferenceImage(BaseModel):
     """One stored candidate image."""
 
@@ -102,6 +105,7 @@ class CharacterReferenceImage(BaseModel):
     path: str = Field(description="storage key, the same in every storage mode")
     url: str = Field(description="where to fetch the bytes: presigned in S3 mode, else the API")
     cloud_url: str | None = Field(description="presigned S3 URL; null in local mode or pending")
+    thumbnail_url: str = Field(description=THUMBNAIL_URL_DESCRIPTION)
     base64: str | None = Field(description="the encoded image, when include_base64 is true")
     seed: int
     width: int
@@ -138,6 +142,7 @@ class UploadedCharacterReference(BaseModel):
     path: str
     url: str
     cloud_url: str | None
+    thumbnail_url: str = Field(description=THUMBNAIL_URL_DESCRIPTION)
     width: int
     height: int
     content_type: str

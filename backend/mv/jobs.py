@@ -72,6 +72,9 @@ class JobAsset(BaseModel):
     content_type: str
     url: str
     image_id: str | None = Field(default=None, description="for character references")
+    thumbnail_url: str | None = Field(
+        default=None, description="for character references: a WebP of at most 256 px"
+    )
 
 
 class Job(BaseModel):

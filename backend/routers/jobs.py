@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
 from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep
 from routers.errors import shown
-from routers.mv import cloud_location
+from routers.mv import THUMBNAIL_RESPONSES, Size, cloud_location
 from routers.serving import REVALIDATE_CACHE, stored_file_response
 from services.image_delivery import CloudImage
 from services.storage.errors import ObjectNotFoundError
@@ -74,6 +74,27 @@ async def get_job_character_reference(
     missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
     located = await delivery.locate_key(key, sha256, missing)
     return stored_file_response(request, located, redirect=redirect, cloud_reply=cloud_location)
+
+
+@router.get(
+    "/{job_id}/character_references/{image_id}/thumbnail/{size}",
+    responses=THUMBNAIL_RESPONSES,
+    response_class=Response,
+)
+@router.head("/{job_id}/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
+async def get_job_character_reference_thumbnail(
+    job_id: JobId,
+    image_id: ImageId,
+    size: Size,
+    request: Request,
+    jobs: JobsDep,
+    delivery: ImageDeliveryDep,
+) -> Response:
+    """A job's character reference as a WebP thumbnail, served like the standalone one."""
+    key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
+    missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
+    located = await delivery.locate_thumbnail(key, sha256, size, missing)
+    return stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 
 
 class CloudAssetLocation(BaseModel):

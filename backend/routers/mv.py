@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from enum import IntEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -26,12 +27,30 @@ from routers.deps import (
 from routers.errors import FieldError
 from routers.serving import stored_file_response
 from routers.upload_limits import MAX_UPLOAD_BYTES, MULTIPART_OVERHEAD, capped_request, too_large
+from services.asset_persistence import CharacterReferenceNotFoundError
 from services.asset_records import CharacterReferenceRecord
 from services.image_delivery import CloudImage
 
 router = APIRouter(prefix="/api/mv", tags=["character references"])
 
 ImageId = Annotated[uuid.UUID, Path(description="the image's UUID")]
+
+
+class ThumbnailSize(IntEnum):
+    """Long side of a thumbnail, in px (the sizes in services.storage.keys.THUMBNAIL_SIZES)."""
+
+    SMALL = 256
+    LARGE = 512
+
+
+Size = Annotated[ThumbnailSize, Path(description="long side in px: 256 or 512")]
+THUMBNAIL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/webp": {}}, "description": "the thumbnail (local serving)"},
+    307: {"description": "redirect to the thumbnail's presigned URL (cloud serving)"},
+    404: {"description": "no image with this id"},
+    415: {"description": "the stored file is not an image that can be thumbnailed"},
+    503: {"description": "storage unreachable and no local copy"},
+}
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no image with this id"},
@@ -98,6 +117,23 @@ async def get_character_reference(
     """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
     located = await delivery.locate(str(image_id))
     return stored_file_response(request, located, redirect=redirect, cloud_reply=cloud_location)
+
+
+@router.get(
+    "/character_references/{image_id}/thumbnail/{size}",
+    responses=THUMBNAIL_RESPONSES,
+    response_class=Response,
+)
+@router.head("/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
+async def get_character_reference_thumbnail(
+    image_id: ImageId, size: Size, request: Request, delivery: ImageDeliveryDep
+) -> Response:
+    """The image as a WebP of at most `size` px on its long side (made on first request);
+    in cloud serving, a 307 to its presigned URL."""
+    key, sha256 = await delivery.find(str(image_id))
+    missing = CharacterReferenceNotFoundError(str(image_id))
+    located = await delivery.locate_thumbnail(key, sha256, size, missing)
+    return stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 
 
 def cloud_location(cloud: CloudImage) -> CloudImageLocation:

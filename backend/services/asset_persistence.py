@@ -31,6 +31,7 @@ from services.storage.keys import (
     IMAGE_CONTENT_TYPES,
     JOB_CHARACTER_REFERENCE_DIR,
     MANIFEST_NAME,
+    THUMBNAIL_SIZES,
     character_reference_key,
     character_reference_sidecar_key,
     job_asset_key,
@@ -59,6 +60,7 @@ from services.url_signing import url_signer
 logger = logging.getLogger(__name__)
 
 CHARACTER_REFERENCES_CATEGORY = "character_references"
+DEFAULT_THUMBNAIL_SIZE = THUMBNAIL_SIZES[0]  # the `thumbnail_url` of replies
 TOP_LEVEL_FILES_CATEGORY = "files"
 _RESERVED_CATEGORIES = {"manifest"}
 
@@ -107,6 +109,7 @@ class StoredCharacterReference:
     key: str
     url: str
     cloud_url: str | None
+    thumbnail_url: str
     kind: ImageKind
     sha256: str
     size: int
@@ -224,6 +227,10 @@ class AssetPersistenceService:
         """URL of a key just written."""
         return self._inline_url(key) or await asyncio.to_thread(self.url_for_key, key)
 
+    def thumbnail_url(self, image_key: str, size: int = DEFAULT_THUMBNAIL_SIZE) -> str:
+        """URL of the thumbnail of a stored character reference (made on first request)."""
+        return self.local_urls.for_path(self.local_urls.thumbnail_path(image_key, size))
+
     def _url_if_exists(self, key: str) -> str | None:
         return self.url_for_key(key) if self.storage.exists(key) else None
 
@@ -337,6 +344,7 @@ class AssetPersistenceService:
             key=key,
             url=url,
             cloud_url=url if self.is_presigned(key) else None,
+            thumbnail_url=self.thumbnail_url(key),
             kind=image.kind,
             sha256=image.sha256,
             size=len(image.data),

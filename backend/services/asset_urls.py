@@ -48,3 +48,14 @@ class LocalAssetUrls:
                 return f"{API_PREFIX}/jobs/{job_id}/character_references/{image_id}"
             return f"{API_PREFIX}/jobs/{job_id}/assets/{quote('/'.join(rest))}"
         return f"{API_PREFIX}/assets/{quote(key)}"
+
+    @staticmethod
+    def thumbnail_path(image_key: str, size: int) -> str:
+        """The API path that serves the thumbnail of the image stored under `image_key`."""
+        image_path = LocalAssetUrls.path_for_key(image_key)
+        if image_path.startswith(f"{API_PREFIX}/get_character_reference/"):
+            image_id = image_path.rpartition("/")[2]
+            return f"{API_PREFIX}/character_references/{image_id}/thumbnail/{size}"
+        if f"/{JOB_CHARACTER_REFERENCE_DIR}/" in image_key:
+            return f"{image_path}/thumbnail/{size}"
+        raise ValueError(f"only character references have thumbnails, not {image_key}")

@@ -12,6 +12,7 @@ from services.storage.base import HasLocalCopies, PresignedUrl, SignsExistingKey
 from services.storage.errors import ObjectNotFoundError
 from services.storage.keys import parse_image_id
 from services.storage.local import content_type_for
+from services.thumbnails import ThumbnailStore
 
 # A presigned URL is handed out again while at least this share of its validity is left, so
 # every client still gets at least 90 % of PRESIGNED_URL_EXPIRY.
@@ -31,7 +32,7 @@ class LocalImageFile:
     key: str
     path: Path
     content_type: str
-    etag: str | None  # quoted sha256 when the sidecar records it
+    etag: str | None  # quoted sha256 (of the image a thumbnail is made from) when recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class ImageDelivery:
         self.serves_from_cloud = assets.settings.serve_from_cloud and self._signer is not None
         self._recent_urls: dict[str, PresignedUrl] = {}
         self._recent_cloud_images: dict[str, CloudImage] = {}
+        self.thumbnails = ThumbnailStore(storage)
 
     def _presigned(self, key: str) -> PresignedUrl | None:
         """A presigned URL of `key`, the same one again while most of its validity is left:
@@ -90,6 +92,34 @@ class ImageDelivery:
     def _locate(self, image_id: str) -> CloudImage | LocalImageFile:
         key, sha256 = self.assets.lookup_character_reference(image_id)
         return self._locate_key(key, sha256, CharacterReferenceNotFoundError(image_id))
+
+    async def find(self, image_id: str) -> tuple[str, str | None]:
+        """Key and sha256 of a standalone image; CharacterReferenceNotFoundError if absent."""
+        image_id = parse_image_id(image_id)
+        return await asyncio.to_thread(self.assets.lookup_character_reference, image_id)
+
+    async def locate_thumbnail(
+        self, image_key: str, image_sha256: str | None, size: int, not_found: ObjectNotFoundError
+    ) -> CloudImage | LocalImageFile:
+        """The `size`-px thumbnail of a stored image (made on first request), served like it.
+
+        Its validator derives from the image's sha256: the rendering is deterministic.
+        """
+        try:
+            key = await self.thumbnails.ensure(image_key, size)
+        except ObjectNotFoundError:
+            raise not_found from None
+        validator = f"{image_sha256}-{size}" if image_sha256 else None
+        return await self.locate_key(key, validator, not_found)
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop what this replica remembers about deleted keys (URLs, thumbnails)."""
+        for key in keys:
+            self._recent_urls.pop(key, None)
+        for image_id, cloud in list(self._recent_cloud_images.items()):
+            if cloud.key in keys:
+                del self._recent_cloud_images[image_id]
+        self.thumbnails.forget(keys)
 
     async def locate_key(
         self, key: str, sha256: str | None, not_found: ObjectNotFoundError

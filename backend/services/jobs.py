@@ -125,14 +125,18 @@ class JobService:
             return []
         assets = []
         for entry in manifest.files:
-            image_id = None
+            key = job_asset_key(job_id, entry.path)
+            image_id = thumbnail_url = None
             if entry.category == CHARACTER_REFERENCES_CATEGORY:
                 image_id = _image_id_of(entry.path)
+            if image_id is not None:
+                thumbnail_url = self.assets.thumbnail_url(key)
             assets.append(
                 JobAsset(
                     **entry.model_dump(),
-                    url=self.assets.url_for_key(job_asset_key(job_id, entry.path)),
+                    url=self.assets.url_for_key(key),
                     image_id=image_id,
+                    thumbnail_url=thumbnail_url,
                 )
             )
         return assets

@@ -96,6 +96,24 @@ def job_character_reference_key(job_id: str, image_id: str, extension: str) -> s
     return job_asset_key(job_id, f"{JOB_CHARACTER_REFERENCE_DIR}/{name}")
 
 
+# Thumbnails of an image live next to it: `<key without extension>.thumb<size>.webp`.
+THUMBNAIL_SIZES = (256, 512)
+_THUMBNAIL_SUFFIX = re.compile(r"\.thumb\d+\.webp$")
+
+
+def thumbnail_key(image_key: str, size: int) -> str:
+    """Key of the `size`-px WebP thumbnail of the image stored under `image_key`."""
+    if size not in THUMBNAIL_SIZES:
+        raise InvalidKeyError(f"thumbnail size must be one of {THUMBNAIL_SIZES}, got {size}")
+    stem = validate_key(image_key).rpartition(".")[0]
+    return f"{stem}.thumb{size}.webp"
+
+
+def is_thumbnail_key(key: str) -> bool:
+    """Whether `key` names a thumbnail (derived data, never listed as an asset)."""
+    return _THUMBNAIL_SUFFIX.search(key) is not None
+
+
 def job_manifest_key(job_id: str) -> str:
     """Key of a job's manifest."""
     return job_prefix(job_id) + MANIFEST_NAME

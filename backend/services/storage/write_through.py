@@ -32,7 +32,7 @@ PENDING_DIR = ".storage/pending"
 
 
 class KnownKeys:
-    """A bounded set of keys known to be stored in S3 (oldest forgotten first)."""
+    """A bounded set of keys known to be stored (oldest forgotten first)."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self._capacity = capacity

@@ -51,6 +51,19 @@ async def get_job(job_id: JobId, jobs: JobsDep) -> Job:
     return await jobs.get(job_id)
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    responses={**_NOT_FOUND, 503: {"description": "storage unreachable; try again"}},
+)
+async def delete_job(job_id: JobId, jobs: JobsDep, delivery: ImageDeliveryDep) -> Response:
+    """Delete the job: every file it stored (its character reference copies too), its
+    manifest and its record. Safe to repeat: a second delete is a 404."""
+    delivery.forget(await jobs.delete(job_id))
+    return Response(status_code=204)
+
+
 @router.post("/{job_id}/character_references", response_model=Job, responses=_NOT_FOUND)
 async def attach_character_references(
     job_id: JobId, body: AttachCharacterReferencesRequest, jobs: JobsDep
@@ -73,7 +86,9 @@ async def get_job_character_reference(
     key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
     missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
     located = await delivery.locate_key(key, sha256, missing)
-    return stored_file_response(request, located, redirect=redirect, cloud_reply=cloud_location)
+    return await stored_file_response(
+        request, located, redirect=redirect, cloud_reply=cloud_location
+    )
 
 
 @router.get(
@@ -94,7 +109,7 @@ async def get_job_character_reference_thumbnail(
     key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
     missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
     located = await delivery.locate_thumbnail(key, sha256, size, missing)
-    return stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
+    return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 
 
 class CloudAssetLocation(BaseModel):
@@ -123,7 +138,7 @@ async def get_job_asset(
     key, sha256 = await jobs.asset_key(job_id, path)
     missing = ObjectNotFoundError(key, f"job {job_id} has no asset {shown(path)}")
     located = await delivery.locate_key(key, sha256, missing)
-    return stored_file_response(
+    return await stored_file_response(
         request,
         located,
         redirect=redirect,

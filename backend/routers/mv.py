@@ -52,6 +52,9 @@ THUMBNAIL_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "storage unreachable and no local copy"},
 }
 
+_UNREACHABLE: dict[int | str, dict[str, Any]] = {
+    503: {"description": "storage unreachable; nothing was lost, try again"},
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "no image with this id"},
     503: {"description": "storage unreachable and no local copy"},
@@ -116,7 +119,9 @@ async def get_character_reference(
 ) -> Response:
     """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
     located = await delivery.locate(str(image_id))
-    return stored_file_response(request, located, redirect=redirect, cloud_reply=cloud_location)
+    return await stored_file_response(
+        request, located, redirect=redirect, cloud_reply=cloud_location
+    )
 
 
 @router.get(
@@ -133,7 +138,26 @@ async def get_character_reference_thumbnail(
     key, sha256 = await delivery.find(str(image_id))
     missing = CharacterReferenceNotFoundError(str(image_id))
     located = await delivery.locate_thumbnail(key, sha256, size, missing)
-    return stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
+    return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
+
+
+@router.delete(
+    "/character_references/{image_id}",
+    status_code=204,
+    response_class=Response,
+    responses={404: {"description": "no image with this id"}, **_UNREACHABLE},
+)
+async def delete_character_reference(
+    image_id: ImageId, assets: AssetsDep, delivery: ImageDeliveryDep
+) -> Response:
+    """Delete a standalone image, its metadata and its thumbnails from every storage tier.
+
+    Copies attached to jobs stay (jobs own their files). Safe to repeat: a second delete is a
+    404, and a delete that failed half-way is finished by the next one.
+    """
+    removed = await assets.delete_character_reference(str(image_id))
+    delivery.forget(removed)
+    return Response(status_code=204)
 
 
 def cloud_location(cloud: CloudImage) -> CloudImageLocation:

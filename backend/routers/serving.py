@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import weakref
 from collections.abc import Callable
 
 from fastapi import Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from services.image_delivery import CloudImage, LocalImageFile
+from services.storage.errors import ObjectNotFoundError
 
 IMMUTABLE_CACHE = "public, max-age=31536000, immutable"
 REVALIDATE_CACHE = "no-cache"  # job assets may be replaced by a later persist
 
 
-def stored_file_response(
+async def stored_file_response(
     request: Request,
     located: CloudImage | LocalImageFile,
     *,
@@ -24,20 +29,54 @@ def stored_file_response(
 ) -> Response:
     """Bytes for a local file; for a cloud copy a 307 (`redirect`) or `cloud_reply` as JSON."""
     if isinstance(located, LocalImageFile):
-        return file_response(request, located, cache_control)
+        return await file_response(request, located, cache_control)
     if redirect:
         return RedirectResponse(located.url.url, status_code=307)
     return JSONResponse(cloud_reply(located).model_dump(mode="json"))
 
 
-def file_response(request: Request, image: LocalImageFile, cache_control: str) -> Response:
+async def file_response(request: Request, image: LocalImageFile, cache_control: str) -> Response:
     """The file with validators and caching headers; 304 when the client's copy is current."""
     headers = {"Cache-Control": cache_control, "X-Content-Type-Options": "nosniff"}
     if image.etag is not None:
         headers["ETag"] = image.etag
         if image.etag in _entity_tags(request.headers.get("if-none-match")):
             return Response(status_code=304, headers=headers)
-    return FileResponse(image.path, media_type=image.content_type, headers=headers)
+    try:
+        opened = await asyncio.to_thread(_open, image.path)
+    except FileNotFoundError:  # deleted since it was located
+        raise ObjectNotFoundError(image.key, "not found (deleted)") from None
+    return OpenedFileResponse(*opened, media_type=image.content_type, headers=headers)
+
+
+def _open(path: os.PathLike[str]) -> tuple[int, os.stat_result]:
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return descriptor, os.fstat(descriptor)
+
+
+class OpenedFileResponse(FileResponse):
+    """A FileResponse over a file opened before the reply starts.
+
+    Files are replaced and deleted by rename and unlink, so an open descriptor keeps the
+    version it opened: a delete racing the reply leaves the reader a whole file (or, before
+    the open, a 404), never half of one or a 500.
+    """
+
+    def __init__(
+        self, descriptor: int, stat: os.stat_result, *, media_type: str, headers: dict[str, str]
+    ) -> None:
+        # The descriptor's own path: every read Starlette does (ranges included) opens the
+        # same file, even after an unlink.
+        super().__init__(
+            f"/proc/self/fd/{descriptor}", stat_result=stat, media_type=media_type, headers=headers
+        )
+        self._close = weakref.finalize(self, os.close, descriptor)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()
 
 
 def _entity_tags(header: str | None) -> set[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import Settings, get_settings
+from services import asset_deletion
 from services.asset_records import (
     CharacterReferenceRecord,
     GenerationDetails,
@@ -653,6 +654,25 @@ class AssetPersistenceService:
         """
         job_id = parse_job_id(job_id)
         return await asyncio.to_thread(self._download_job, job_id, Path(local_base_path))
+
+    # ------------------------------------------------------------- deletes
+
+    async def delete_character_reference(self, image_id: str) -> list[str]:
+        """Delete a standalone image, its sidecar and thumbnails from every tier (copies under
+        jobs stay); return the keys removed. CharacterReferenceNotFoundError if none existed.
+        """
+        image_id = parse_image_id(image_id)
+        removed = await asset_deletion.delete_character_reference(self.storage, image_id)
+        self.lookup_character_reference.cache_clear()  # it remembers where images were found
+        if not removed:
+            raise CharacterReferenceNotFoundError(image_id)
+        return removed
+
+    async def delete_job_assets(self, job_id: str) -> list[str]:
+        """Delete every stored file of a job and then its manifest; return the keys removed."""
+        job_id = parse_job_id(job_id)
+        async with self._job_lock(job_id):  # not in the middle of this replica's merges
+            return await asset_deletion.delete_job_files(self.storage, job_id)
 
     # ---------------------------------------------------------- maintenance
 

@@ -141,6 +141,17 @@ class JobService:
             )
         return assets
 
+    async def delete(self, job_id: str) -> list[str]:
+        """Delete every file of the job, its manifest and then its record (the job's copies of
+        character references included); return the keys removed. JobNotFoundError if absent.
+        """
+        job_id = parse_job_id(job_id)
+        if not await self.exists(job_id):
+            raise JobNotFoundError(job_id)
+        removed = await self.assets.delete_job_assets(job_id)
+        await asyncio.to_thread(self.storage.delete, job_record_key(job_id))  # "it exists": last
+        return [*removed, job_record_key(job_id)]
+
     async def attach(self, job_id: str, image_ids: Sequence[str]) -> Job:
         """Attach stored character references to an existing job (idempotent)."""
         job_id = parse_job_id(job_id)

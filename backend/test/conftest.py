@@ -213,6 +213,16 @@ def assert_error_shape(body: Any, error: str | None = None) -> dict[str, Any]:
     return detail
 
 
+def photo_like_png(width: int = 1024, height: int = 768) -> bytes:
+    """A large PNG with smooth gradients and some texture, like a generated picture."""
+    gradient = Image.linear_gradient("L").resize((width, height))
+    noise = Image.effect_noise((width, height), 24)
+    image = Image.merge("RGB", (gradient, noise, gradient.rotate(90).resize((width, height))))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
     """A small real image in the given Pillow format."""
     image = Image.effect_noise(size, 64).convert("RGB")

@@ -15,21 +15,11 @@ import pytest
 from PIL import Image
 
 import services.thumbnails as thumbnails_module
-from conftest import ApiHarness, assert_error_shape
+from conftest import ApiHarness, assert_error_shape, photo_like_png
 from services.image_files import UnsupportedImageError
 from services.storage.keys import character_reference_key, thumbnail_key
 from services.storage.local import LocalStorageBackend
 from services.thumbnails import ThumbnailStore, render_thumbnail
-
-
-def photo_like_png(width: int = 1024, height: int = 768) -> bytes:
-    """A large PNG with smooth gradients and some texture, like a generated picture."""
-    gradient = Image.linear_gradient("L").resize((width, height))
-    noise = Image.effect_noise((width, height), 24)
-    image = Image.merge("RGB", (gradient, noise, gradient.rotate(90).resize((width, height))))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -212,11 +212,15 @@ class WriteThroughStorageBackend:
             logger.warning("stored %s in S3 but not locally: %s", key, error)
 
     def delete(self, key: str) -> None:
-        """Delete from both tiers and forget any pending upload."""
+        """Delete from both tiers and forget any pending upload.
+
+        S3 goes before the local copy: a read that misses the local copy then finds nothing
+        to fetch back into it.
+        """
         self.known.discard(key)
         self.pending.remove(key)
-        self.local.delete(key)
         self.remote.delete(key)
+        self.local.delete(key)
 
     def list_keys(self, prefix: str) -> list[str]:
         """Keys in S3 plus those still pending locally."""
@@ -304,6 +308,11 @@ class WriteThroughStorageBackend:
                 except PreconditionFailedError:
                     merge = merger_for(record.key) if merger_for is not None else None
                     self._reconcile(record.key, source, record.content_type, merge)
+                else:
+                    if not source.is_file():
+                        # Deleted while it was uploading: the delete wins, never the upload.
+                        self.remote.delete(record.key)
+                        continue
             except (StorageError, OSError) as error:
                 self.pending.add(record.key, record.content_type, str(error))
                 continue

@@ -1,0 +1,58 @@
+"""Deleting stored images and jobs from every tier, in an order that is safe to repeat.
+
+Derived and dependent objects go first and the object that says "this exists" goes last
+(an image's sidecar, a job's manifest), so a delete that fails half-way is finished by the
+next one instead of leaving files nobody can find.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from services.storage.base import StorageBackend
+from services.storage.keys import (
+    IMAGE_CONTENT_TYPES,
+    THUMBNAIL_SIZES,
+    character_reference_key,
+    character_reference_sidecar_key,
+    job_manifest_key,
+    job_prefix,
+    thumbnail_key,
+)
+
+
+def character_reference_keys(image_id: str) -> list[str]:
+    """Every key a standalone image may occupy, in deletion order (the sidecar last)."""
+    images = [character_reference_key(image_id, extension) for extension in IMAGE_CONTENT_TYPES]
+    thumbnails = [
+        thumbnail_key(image, size) for image, size in itertools.product(images, THUMBNAIL_SIZES)
+    ]
+    return [*thumbnails, *images, character_reference_sidecar_key(image_id)]
+
+
+async def _delete_all(storage: StorageBackend, keys: list[str]) -> None:
+    """Delete `keys` concurrently (each delete is idempotent)."""
+    await asyncio.gather(*(asyncio.to_thread(storage.delete, key) for key in keys))
+
+
+async def delete_character_reference(storage: StorageBackend, image_id: str) -> list[str]:
+    """Delete a standalone image, its thumbnails and its sidecar; return the keys that were
+    there (empty: nothing to delete)."""
+    keys = character_reference_keys(image_id)
+    present = await asyncio.gather(*(asyncio.to_thread(storage.exists, key) for key in keys))
+    found = [key for key, exists in zip(keys, present, strict=True) if exists]
+    if found:
+        *dependent, sidecar = keys
+        await _delete_all(storage, dependent)
+        await asyncio.to_thread(storage.delete, sidecar)
+    return found
+
+
+async def delete_job_files(storage: StorageBackend, job_id: str) -> list[str]:
+    """Delete every file of a job (thumbnails included), then its manifest; return the keys."""
+    manifest = job_manifest_key(job_id)
+    keys = await asyncio.to_thread(storage.list_keys, job_prefix(job_id))
+    await _delete_all(storage, [key for key in keys if key != manifest])
+    await asyncio.to_thread(storage.delete, manifest)
+    return keys

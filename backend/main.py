@@ -36,7 +36,9 @@ from services.idempotency import IdempotencyStore
 from services.image_delivery import ImageDelivery
 from services.jobs import JobService
 from services.metrics import Metrics
+from services.retention import SWEEP_INTERVAL_SECONDS, sweep_forever
 from services.storage.atomic import remove_abandoned_temp_files
+from services.storage.local import LocalStorageBackend
 from services.storage_backend import StorageBackend, get_storage_backend
 from services.url_signing import url_signer
 from services.webhooks import WebhookSender
@@ -145,13 +147,24 @@ def create_app(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)
         )
         sweeper = asyncio.create_task(remove_abandoned_writes(settings.output_dir))
+        background = [retrier, sweeper]
+        if settings.candidate_retention_days is not None:
+            background.append(
+                asyncio.create_task(
+                    sweep_forever(
+                        LocalStorageBackend(settings.output_dir),
+                        settings.candidate_retention_days,
+                        SWEEP_INTERVAL_SECONDS,
+                    )
+                )
+            )
         # The imports (torch, diffusers) leave millions of long-lived objects; freezing them
         # keeps every later full garbage collection from walking them again mid-request.
         gc.freeze()
         try:
             yield
         finally:
-            for task in (retrier, sweeper):
+            for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI, Security
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from config import Settings, SettingsError, get_settings
@@ -45,6 +46,7 @@ from services.webhooks import WebhookSender
 from version import __version__
 
 logger = logging.getLogger(__name__)
+STUDIO_DIR = Path(__file__).resolve().parent / "studio"
 CORS_REQUEST_HEADERS = [
     "Content-Type",
     "X-API-Key",
@@ -193,6 +195,8 @@ def create_app(
         api_dependencies.append(Security(API_KEY_SCHEME))
         api_responses[401] = {"description": "X-API-Key is missing or not a valid key"}
     app.include_router(system.router)
+    # The studio: a page to try the API in a browser (plain files, no build step, no CDN).
+    app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")
     api_routers = [mv.router, generations.router, jobs.router]
     if settings.debug_endpoints:
         api_routers.append(debug.router)

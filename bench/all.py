@@ -7,6 +7,8 @@ ratio means the same on any machine:
 - contention: attaches to one job from 8 writers on two API replicas vs one writer (S3, and
   one shared OUTPUT_DIR), with the retries per attach and a check that none was lost;
 - serving: image GETs through the API vs bare Starlette apps, local bytes and 307 redirects;
+- thumbnails: bytes to show 4 candidates as thumbnails vs originals, and thumbnail GETs vs
+  original GETs;
 - the event loop: /health latency while generations run vs idle;
 - generation: the API end to end vs the bare pipeline (tiny FLUX on the CPU);
 - the worker tier: the API in front of the Ray Serve worker app (batching across requests,
@@ -37,6 +39,7 @@ import gpu_generation
 import health_under_load
 import run as storage
 import serving
+import thumbnails
 import worker_tier
 from report import Row, print_table
 
@@ -53,6 +56,7 @@ def main() -> int:
         ("storage", lambda: asyncio.run(storage.measure(rounds))),
         ("contention", lambda: contention.measure(32 if options.quick else 64)),
         ("serving", lambda: serving.measure(500 if options.quick else 1000, rounds)),
+        ("thumbnails", lambda: thumbnails.measure(500 if options.quick else 1000, rounds)),
         ("event loop", lambda: health_under_load.measure(300 if options.quick else 500)),
         ("generation", lambda: generation.measure(rounds)),
         ("worker tier", lambda: worker_tier.measure(rounds)),

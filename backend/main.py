@@ -194,6 +194,9 @@ def create_app(
     if settings.api_key_values:
         api_dependencies.append(Security(API_KEY_SCHEME))
         api_responses[401] = {"description": "X-API-Key is missing or not a valid key"}
+        api_responses[403] = {
+            "description": "a signed URL (expires, signature) changed, expired or for another route"
+        }
     app.include_router(system.router)
     # The studio: a page to try the API in a browser (plain files, no build step, no CDN).
     app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")

@@ -16,8 +16,9 @@ from PIL import Image
 
 import services.thumbnails as thumbnails_module
 from conftest import ApiHarness, assert_error_shape, photo_like_png
+from routers.mv import ThumbnailSize
 from services.image_files import UnsupportedImageError
-from services.storage.keys import character_reference_key, thumbnail_key
+from services.storage.keys import THUMBNAIL_SIZES, character_reference_key, thumbnail_key
 from services.storage.local import LocalStorageBackend
 from services.thumbnails import ThumbnailStore, render_thumbnail
 
@@ -83,6 +84,7 @@ def test_thumbnails_are_small_webps_stored_next_to_the_original(
 
 
 def test_other_sizes_are_a_422_naming_the_size(make_api: Callable[..., ApiHarness]) -> None:
+    assert [size.value for size in ThumbnailSize] == list(THUMBNAIL_SIZES)
     api = make_api()
     image = _upload(api)
     reply = api.client.get(f"/api/mv/character_references/{image['id']}/thumbnail/300")

@@ -5,7 +5,8 @@
 
 from routers.errors.handlers import FieldError, classify_error, install_error_handlers
 from routers.errors.openapi import install_error_schema
-from routers.errors.shape import error_body, error_response, shown
+from routers.errors.shape import error_body, error_response
+from services.echo import shown
 
 __all__ = [
     "FieldError",

@@ -13,12 +13,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mv.generation_jobs import GenerationFailure
 from routers.errors.shape import (
-    MAX_ECHOED_CHARS,
     FieldProblem,
     error_body,
     error_response,
     validation_response,
 )
+from services.echo import MAX_ECHOED_CHARS
 from services.generation.base import (
     GenerationBusyError,
     GenerationCanceledError,

@@ -8,10 +8,6 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.echo import MAX_ECHOED_CHARS, shown
-
-__all__ = ["MAX_ECHOED_CHARS", "shown"]  # re-exported: the routers quote input with them
-
 
 class FieldProblem(BaseModel):
     """One invalid field of a request."""

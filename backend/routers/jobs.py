@@ -15,6 +15,7 @@ from routers.errors import shown
 from routers.mv import THUMBNAIL_RESPONSES, Size, cloud_location
 from routers.serving import REVALIDATE_CACHE, stored_file_response
 from services.image_delivery import CloudImage
+from services.jobs import JobService
 from services.storage.errors import ObjectNotFoundError
 from services.storage.keys import JOB_ID_PATTERN
 
@@ -72,6 +73,15 @@ async def attach_character_references(
     return await jobs.attach(job_id, body.image_ids)
 
 
+async def _job_reference(
+    jobs: JobService, job_id: str, image_id: uuid.UUID
+) -> tuple[str, str | None, ObjectNotFoundError]:
+    """Key and sha256 of a job's character reference, and the error to raise if it is gone."""
+    key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
+    missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
+    return key, sha256, missing
+
+
 @router.get("/{job_id}/character_references/{image_id}", responses=_NOT_FOUND)
 @router.head("/{job_id}/character_references/{image_id}", include_in_schema=False)
 async def get_job_character_reference(
@@ -83,8 +93,7 @@ async def get_job_character_reference(
     redirect: Redirect = False,
 ) -> Response:
     """A job's character reference, served like /get_character_reference."""
-    key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
-    missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
+    key, sha256, missing = await _job_reference(jobs, job_id, image_id)
     located = await delivery.locate_key(key, sha256, missing)
     return await stored_file_response(
         request, located, redirect=redirect, cloud_reply=cloud_location
@@ -106,8 +115,7 @@ async def get_job_character_reference_thumbnail(
     delivery: ImageDeliveryDep,
 ) -> Response:
     """A job's character reference as a WebP thumbnail, served like the standalone one."""
-    key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
-    missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
+    key, sha256, missing = await _job_reference(jobs, job_id, image_id)
     located = await delivery.locate_thumbnail(key, sha256, size, missing)
     return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 

@@ -179,3 +179,29 @@ def test_a_pending_upload_never_brings_a_deleted_key_back(storage: StorageHarnes
     backend.retry_pending()
     assert not backend.exists(key)
     assert backend.local_copy(key) is None
+
+
+@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])
+def test_a_fetch_overtaken_by_a_delete_leaves_no_local_copy(storage: StorageHarness) -> None:
+    backend: Any = storage.backend
+    key = character_reference_key("4a0c2a52-3c1b-4c55-9d44-0d2c6f7a9e11", "png")
+    storage.s3.put_object(Bucket=storage.settings.storage_bucket, Key=key, Body=ORIGINAL)
+    fetch_bytes, fetch_file = backend.remote.get_bytes, backend.remote.download
+
+    def fetch_then_deleted(fetch: Callable[..., Any]) -> Callable[..., Any]:
+        def fetch_while_deleting(*args: Any, **kwargs: Any) -> Any:
+            fetched = fetch(*args, **kwargs)
+            backend.delete(key)  # lands while the fetched bytes are on their way to the cache
+            return fetched
+
+        return fetch_while_deleting
+
+    backend.remote.download = fetch_then_deleted(fetch_file)
+    assert backend.local_copy(key) is None
+    assert not backend.local.exists(key)
+
+    storage.s3.put_object(Bucket=storage.settings.storage_bucket, Key=key, Body=ORIGINAL)
+    backend.remote.get_bytes = fetch_then_deleted(fetch_bytes)
+    assert backend.get_bytes(key) == ORIGINAL  # the reader that asked first still gets it
+    assert not backend.local.exists(key)
+    assert not backend.exists(key)

@@ -29,6 +29,7 @@ from services.storage.s3 import S3StorageBackend
 
 logger = logging.getLogger(__name__)
 PENDING_DIR = ".storage/pending"
+MAX_REMEMBERED_DELETES = 10_000
 
 
 class KnownKeys:
@@ -73,6 +74,10 @@ class WriteThroughStorageBackend:
         self.remote = remote
         self.pending = PendingUploads(local.root / PENDING_DIR)
         self.known = KnownKeys()
+        # How many deletes each key has seen (recent keys only): a fetch from S3 that a delete
+        # overtook must not leave its now stale copy in the local tier.
+        self._deletes: dict[str, int] = {}
+        self._deletes_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-upload")
 
     @property
@@ -140,8 +145,10 @@ class WriteThroughStorageBackend:
             return self.local.get_bytes(key)
         except ObjectNotFoundError:
             pass
+        deletes = self._deletes.get(key)
         data = self.remote.get_bytes(key)
         self._cache(key, data)
+        self._drop_if_deleted_since(key, deletes)
         return data
 
     def _cache(self, key: str, data: bytes) -> None:
@@ -149,6 +156,13 @@ class WriteThroughStorageBackend:
             self.local.put_bytes(key, data, "application/octet-stream")
         except OSError as error:  # the cache is an optimisation; a full disk must not fail reads
             logger.warning("could not cache %s locally: %s", key, error)
+
+    def _drop_if_deleted_since(self, key: str, deletes: int | None) -> bool:
+        """Remove the local copy just fetched if `key` was deleted while it was fetched."""
+        if self._deletes.get(key) == deletes:
+            return False
+        self.local.delete(key)
+        return True
 
     def download(
         self, key: str, destination: Path, expected_sha256: str | None = None
@@ -219,6 +233,10 @@ class WriteThroughStorageBackend:
         """
         self.known.discard(key)
         self.pending.remove(key)
+        with self._deletes_lock:
+            self._deletes[key] = self._deletes.pop(key, 0) + 1
+            while len(self._deletes) > MAX_REMEMBERED_DELETES:
+                del self._deletes[next(iter(self._deletes))]  # the oldest
         self.remote.delete(key)
         self.local.delete(key)
 
@@ -268,9 +286,12 @@ class WriteThroughStorageBackend:
         path = self.local.local_copy(key)
         if path is not None:
             return path
+        deletes = self._deletes.get(key)
         try:
             self.remote.download(key, self.local.path_for(key))
         except ObjectNotFoundError:
+            return None
+        if self._drop_if_deleted_since(key, deletes):
             return None
         return self.local.local_copy(key)
 

@@ -49,6 +49,7 @@ worker: $(VENV)/.worker-installed
 
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	cd backend && $(PRIVATE_NETWORK) ../$(BIN)/python -m pytest
 
 # Needs STORAGE_BUCKET and AWS credentials in the environment; skipped with a reason otherwise.

@@ -25,7 +25,10 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such gen
     "/character_reference_jobs",
     status_code=202,
     response_model=GenerationStatus,
-    responses={429: {"description": "the generation queue is full; see Retry-After"}},
+    responses={
+        429: {"description": "the generation queue is full; see Retry-After"},
+        503: {"description": "no generator can run; the message says what to configure"},
+    },
 )
 async def submit_character_reference_job(
     body: AsyncGenerateCharacterReferenceRequest,
@@ -36,7 +39,7 @@ async def submit_character_reference_job(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerationStatus:
     """Queue a generation (the sync route's body, plus `webhook_url`); poll `status_url`."""
-    policy.check_offered(body.backend)
+    policy.check_can_run(body.backend)  # refused now, not when a client polls
     status = await generations.submit(
         body, idempotency_key, webhooks_enabled=settings.webhook_secret is not None
     )

@@ -302,6 +302,10 @@ class BlockingGenerator:
         """Always available."""
         return None
 
+    def known_unavailable_reason(self) -> str | None:
+        """Always available."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Its name."""
         return {"model": self.model}

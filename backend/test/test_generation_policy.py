@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 
-from conftest import ApiHarness, BlockingGenerator, out_of_memory_loader
+from conftest import ApiHarness, BlockingGenerator, out_of_memory_loader, wait_until
 from fake_replicate import FakeReplicate
 from services.generation.base import GenerationRequest, GenerationTimeoutError
+from services.generation.diffusion import load_pipeline
 from services.generation.policy import GenerationPolicy
 
 GENERATE = "/api/mv/generate_character_reference"
@@ -59,6 +62,40 @@ def test_no_generator_at_all_is_a_503_naming_what_to_configure(
     assert detail["error"] == "GeneratorUnavailable"
     assert "REPLICATE_API_TOKEN" in detail["message"]
     assert "LOCAL_DEVICE=cpu" in detail["message"]
+
+
+def test_an_async_submit_is_refused_up_front_when_no_generator_can_run(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = make_api(local_device="auto")  # no CUDA here, no Replicate token
+    assert api.client.post(GENERATE, json=BODY).status_code == 503  # waits for the load
+    reply = api.client.post("/api/mv/character_reference_jobs", json=BODY)
+    assert reply.status_code == 503
+    detail = reply.json()["detail"]
+    assert detail["error"] == "GeneratorUnavailable"
+    assert "make run-tiny" in detail["message"]
+    assert "REPLICATE_API_TOKEN" in detail["message"]
+    assert "location" not in reply.headers  # nothing was queued
+
+
+def test_an_async_submit_waits_for_a_model_that_is_still_loading(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    loading = threading.Event()
+    release = threading.Event()
+
+    def slow_loader(model_id: str, device: str) -> Any:
+        loading.set()
+        release.wait(30)
+        return load_pipeline(model_id, device)
+
+    api = make_api(local_loader=slow_loader)
+    assert loading.wait(30)
+    reply = api.client.post("/api/mv/character_reference_jobs", json=BODY)
+    assert reply.status_code == 202  # it may still load: accepted, not refused
+    release.set()
+    status_url = reply.json()["status_url"]
+    wait_until(lambda: api.client.get(status_url).json()["status"] == "succeeded", timeout=60)
 
 
 def test_replicate_mode_without_a_token_is_a_503_naming_it(

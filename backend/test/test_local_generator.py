@@ -102,19 +102,38 @@ async def test_sizes_follow_the_aspect_ratio_table(
 
 
 async def test_a_model_that_does_not_load_is_unavailable_with_the_reason(tmp_path: Path) -> None:
-    generator = DiffusersGenerator(str(tmp_path / "no-such-model"), "cpu")
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    generator = DiffusersGenerator(str(broken), "cpu")
     reason = await generator.unavailable_reason()
     assert reason is not None
     assert "failed to load" in reason
+    assert generator.known_unavailable_reason() == reason
     with pytest.raises(GeneratorFailedError, match="failed to load"):
         await generator.generate(make_request((1,)))
+    await generator.aclose()
+
+
+@pytest.mark.parametrize("model_id", ["some-org/a-model-nobody-cached", "/no/such/model/dir"])
+async def test_a_model_neither_local_nor_cached_says_so_offline(model_id: str) -> None:
+    # The suite runs with HF_HUB_OFFLINE=1: the hub is out of reach, as on a machine offline.
+    generator = DiffusersGenerator(model_id, "cpu")
+    reason = await generator.unavailable_reason() or ""
+    assert f"LOCAL_MODEL_ID={model_id} is neither a model directory nor" in reason
+    assert "Hugging Face cache" in reason
+    assert "HF_HUB_OFFLINE" in reason
+    assert "make run-tiny" in reason
+    assert "model_index.json" not in reason.split(";")[0]
     await generator.aclose()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 async def test_auto_device_without_cuda_says_how_to_use_the_cpu(tiny_flux: Path) -> None:
     generator = DiffusersGenerator(str(tiny_flux), "auto")
-    assert "LOCAL_DEVICE=cpu" in (await generator.unavailable_reason() or "")
+    reason = await generator.unavailable_reason() or ""
+    assert "LOCAL_DEVICE=cpu" in reason
+    assert "make run-tiny" in reason
     assert generator.describe()["state"] == "unavailable"
     await generator.aclose()
 

@@ -97,6 +97,10 @@ class ImageGenerator(Protocol):
     async def unavailable_reason(self) -> str | None:
         """None when the generator can take requests, else why not (waits for a load)."""
 
+    def known_unavailable_reason(self) -> str | None:
+        """Why it cannot take requests, when that is already known (no waiting, no I/O);
+        None when it can or may (a model still loading)."""
+
     async def generate(
         self, request: GenerationRequest, progress: GenerationProgress | None = None
     ) -> GenerationResult:

@@ -67,6 +67,18 @@ def resolve_model_source(model_id: str) -> str:
     return model_id
 
 
+def _available_without_network(model_id: str) -> bool:
+    """Whether `model_id` is a local directory or a hub id this machine has cached."""
+    if Path(resolve_model_source(model_id)).is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model_id, "model_index.json"), str)
+    except ValueError:  # not even a valid hub id
+        return False
+
+
 def resolve_device(setting: DeviceSetting) -> str:
     """The torch device LOCAL_DEVICE asks for; GeneratorFailedError saying why when none fits."""
     import torch
@@ -78,7 +90,8 @@ def resolve_device(setting: DeviceSetting) -> str:
     if setting == "cuda":
         raise GeneratorFailedError("LOCAL_DEVICE=cuda but no CUDA device is available")
     raise GeneratorFailedError(
-        "no CUDA device (LOCAL_DEVICE=auto); set LOCAL_DEVICE=cpu to run the local model on the CPU"
+        "no CUDA device (LOCAL_DEVICE=auto); on this machine, `make run-tiny` runs a tiny model "
+        "on the CPU, or set LOCAL_DEVICE=cpu with a LOCAL_MODEL_ID small enough for it"
     )
 
 
@@ -158,6 +171,13 @@ class DiffusionModel:
             return cls(loader(model_id, resolved), model_id, resolved)
         except Exception as error:
             free_accelerator_memory()
+            if not _available_without_network(model_id):
+                raise GeneratorFailedError(
+                    f"LOCAL_MODEL_ID={model_id} is neither a model directory nor in this "
+                    "machine's Hugging Face cache, and downloading it failed (no network, or "
+                    "HF_HUB_OFFLINE=1): download it once with network, or set LOCAL_MODEL_ID to "
+                    f"a model directory (make run-tiny builds a tiny one); {brief(error)}"
+                ) from error
             raise GeneratorFailedError(
                 f"the local model {model_id!r} failed to load: {brief(error)}"
             ) from error

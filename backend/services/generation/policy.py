@@ -43,8 +43,8 @@ OUT_OF_MEMORY_WARNING_AFTER = 3
 
 _HOW_TO_ENABLE = {
     "worker": "set WORKER_URL (and WORKER_TOKEN) to a worker tier started with make worker",
-    "local": "run on a machine with CUDA, or set LOCAL_DEVICE=cpu with a LOCAL_MODEL_ID "
-    "small enough for the CPU",
+    "local": "run on a machine with CUDA; on a CPU, `make run-tiny` runs a tiny model, or set "
+    "LOCAL_DEVICE=cpu with a LOCAL_MODEL_ID small enough for it",
     "replicate": "set REPLICATE_API_TOKEN",
 }
 # A worker tier that cannot take requests is an outage worth a warning even while another
@@ -158,6 +158,24 @@ class GenerationPolicy:
         """Raise GeneratorNotOfferedError when a request names a generator that cannot run."""
         if requested is not None and (refusal := self.refusal(requested)) is not None:
             raise GeneratorNotOfferedError(refusal)
+
+    def check_can_run(self, requested: GeneratorName | None) -> None:
+        """Raise GeneratorUnavailableError at once when no generator can take a request and
+        that is already known (none configured, each configured one failed to load), so that
+        an asynchronous submit is refused up front as the synchronous route is; a generator
+        still loading may yet succeed, so it is waited for as before."""
+        self.check_offered(requested)
+        reasons = []
+        for name in self._order(requested):
+            generator = self.generators.get(name)
+            if generator is None:
+                reasons.append(f"{name}: not configured ({_HOW_TO_ENABLE[name]})")
+                continue
+            reason = generator.known_unavailable_reason()
+            if reason is None:
+                return
+            reasons.append(f"{name}: {reason}")
+        raise GeneratorUnavailableError("no image generator is available: " + "; ".join(reasons))
 
     def _out_of_memory_warnings(self) -> list[str]:
         warnings = []

@@ -92,6 +92,11 @@ class DiffusersGenerator:
         await asyncio.wrap_future(self._load)
         return self._unavailable
 
+    def known_unavailable_reason(self) -> str | None:
+        """Why the model cannot run, once its load has failed; None while loading or loaded."""
+        loaded = self._load is not None and self._load.done()
+        return self._unavailable if loaded else None
+
     @property
     def state(self) -> str:
         """loading, ready or unavailable."""

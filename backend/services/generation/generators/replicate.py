@@ -130,6 +130,10 @@ class ReplicateGenerator:
         """Always available once configured with a token."""
         return None
 
+    def known_unavailable_reason(self) -> str | None:
+        """Always available once configured with a token."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Model and retry policy (never the token)."""
         return {"model": self.model, "state": "ready", "max_attempts": self.max_attempts}

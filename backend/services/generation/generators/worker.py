@@ -110,6 +110,12 @@ class WorkerGenerator:
                 return self._last_problem
             return await self._probe()
 
+    def known_unavailable_reason(self) -> str | None:
+        """The problem its last /ready check found, while that answer is fresh."""
+        if self._last_problem is not None and time.monotonic() < self._problem_until:
+            return self._last_problem
+        return None
+
     async def _probe(self) -> str | None:
         try:
             reply = await self._client.get(self.url + "/ready", timeout=self._ready_timeout)

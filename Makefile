@@ -31,7 +31,7 @@ $(VENV)/.dev-installed: requirements.txt requirements-worker.txt requirements-de
 	touch $(VENV)/.runtime-installed $(VENV)/.worker-installed $@
 
 run: $(VENV)/.runtime-installed
-	cd backend && ../$(BIN)/python -m uvicorn main:app --host $(HOST) --port $(PORT)
+	cd backend && ../$(BIN)/python -m server --host $(HOST) --port $(PORT)
 
 # A tiny random-weight FLUX-family pipeline, so the whole flow runs with no GPU, token or network.
 TINY_MODEL := backend/mv/models/tiny-flux

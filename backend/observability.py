@@ -17,7 +17,25 @@ generation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "generation_id", default=None
 )
 _CONTEXT = {"request_id": request_id_var, "job_id": job_id_var, "generation_id": generation_id_var}
-_STANDARD_ATTRIBUTES = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Record attributes that are not extra fields: the standard ones, and uvicorn's copy of the
+# message with ANSI colour codes (for terminals, never for JSON).
+_STANDARD_ATTRIBUTES = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
+# Libraries that install their own handler (and format): their lines go through ours instead.
+_SELF_HANDLED_LOGGERS = ("uvicorn", "uvicorn.error", "transformers", "diffusers")
+# Known third-party messages that say nothing an operator can act on, by logger and start.
+KNOWN_NOISE: tuple[tuple[str, str], ...] = (
+    # Only image *processors* want torchvision; text-to-image pipelines never use them.
+    ("transformers", "`CLIPImageProcessor` requires torchvision"),
+    ("transformers", "`SiglipImageProcessor` requires torchvision"),
+    ("transformers", "`Siglip2ImageProcessor` requires torchvision"),
+    # The prompt template is longer than CLIP's 77 tokens by design: T5 reads all of it.
+    ("transformers", "Token indices sequence length is longer than"),
+    ("diffusers", "The following part of your input was truncated"),
+)
 
 
 def bind(**ids: object) -> None:
@@ -52,6 +70,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class KnownNoiseFilter(logging.Filter):
+    """Drops the KNOWN_NOISE messages; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a known third-party message that concerns no operator."""
+        message = record.getMessage()
+        return not any(
+            (record.name == name or record.name.startswith(name + "."))
+            and message.startswith(start)
+            for name, start in KNOWN_NOISE
+        )
+
+
 class TextFormatter(logging.Formatter):
     """Human-readable lines for a terminal, with the bound ids appended."""
 
@@ -69,12 +100,14 @@ def configure_logging(log_format: str, level: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(KnownNoiseFilter())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error"):
-        server_logger = logging.getLogger(name)
-        server_logger.handlers = []
-        server_logger.propagate = True
+    for name in _SELF_HANDLED_LOGGERS:
+        library_logger = logging.getLogger(name)
+        library_logger.handlers = []
+        library_logger.propagate = True
+    logging.captureWarnings(True)  # warnings.warn(...) becomes a line in the same format
     # Requests are logged by the app itself, with their ids, status and duration.
     logging.getLogger("uvicorn.access").disabled = True

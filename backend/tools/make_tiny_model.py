@@ -190,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="directory to write the pipeline into")
     parser.add_argument("--family", choices=sorted(BUILDERS), default="flux")
     args = parser.parse_args(argv)
+    existed = (args.path / "model_index.json").is_file()
     path = build(args.path, args.family).resolve()
     index = json.loads((path / "model_index.json").read_text())
-    print(f"{index['_class_name']} written to {path}")
+    print(f"{index['_class_name']} {'already in' if existed else 'written to'} {path}")
     print(f"run the server with it:  LOCAL_MODEL_ID={path} LOCAL_DEVICE=cpu make run")
     return 0
 

@@ -100,16 +100,27 @@ def resolve_device(setting: DeviceSetting) -> str:
 _LOAD_LOCK = threading.Lock()
 
 
-def load_pipeline(model_id: str, device: str) -> Any:
-    """Load `model_id` with AutoPipelineForText2Image: bf16 on CUDA, fp32 on the CPU."""
-    import torch
-    from diffusers import AutoPipelineForText2Image
+def route_library_logs() -> None:
+    """Send diffusers' and transformers' log lines to the process's handler, not their own.
+
+    Their own handlers print in their own format; this runs before the pipeline classes are
+    imported, since importing them already logs. Progress bars are for terminals: off.
+    """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    # Progress bars are for terminals; the server logs the load instead.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    for library_logging in (diffusers_logging, transformers_logging):
+        library_logging.disable_progress_bar()
+        library_logging.disable_default_handler()
+        library_logging.enable_propagation()
+
+
+def load_pipeline(model_id: str, device: str) -> Any:
+    """Load `model_id` with AutoPipelineForText2Image: bf16 on CUDA, fp32 on the CPU."""
+    route_library_logs()
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with _LOAD_LOCK:
         pipeline = AutoPipelineForText2Image.from_pretrained(

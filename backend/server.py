@@ -1,0 +1,40 @@
+"""Run the API under uvicorn with every log line in LOG_FORMAT, uvicorn's first ones included.
+
+    cd backend && python -m server --host 127.0.0.1 --port 8000    # what `make run` runs
+
+Logging is set up before uvicorn starts, and uvicorn is told not to install its own, so the
+process writes nothing in another format (`uvicorn main:app` works too, but its first lines
+are uvicorn's plain text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from config import SettingsError, get_settings
+from observability import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve `main:app` on --host/--port until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    # Requests are logged by the app itself (with ids, status and duration), not uvicorn.
+    uvicorn.run("main:app", host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

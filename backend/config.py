@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     webhook_retry_base_seconds: float = Field(default=2.0, gt=0, le=300)
     webhook_allow_private_networks: bool = False
+    webhook_allow_http: bool = False
 
     # Access and operations
     api_keys: SecretStr | None = None
@@ -154,11 +155,20 @@ class Settings(BaseSettings):
     def _token_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None or not value.get_secret_value().strip() else value
 
-    @field_validator("webhook_secret", "worker_token")
+    @field_validator("worker_token")
     @classmethod
-    def _long_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+    def _long_worker_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_API_KEY_CHARS:
             raise ValueError(f"must be at least {MIN_API_KEY_CHARS} characters")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        from services.webhooks import signing_key  # the one definition of the format
+
+        if value is not None:
+            signing_key(value.get_secret_value())
         return value
 
     @field_validator("url_signing_secret")

@@ -141,6 +141,7 @@ def create_app(
             assets,
             idempotency,
             jobs,
+            webhooks=webhooks,
             public_base_url=settings.public_base_url,
             replay_timeout_seconds=settings.generation_timeout_seconds,
         )
@@ -236,6 +237,7 @@ def _webhook_sender(
         timeout_seconds=settings.webhook_timeout_seconds,
         backoff_base=settings.webhook_retry_base_seconds,
         allow_private_networks=settings.webhook_allow_private_networks,
+        allow_http=settings.webhook_allow_http,
         transport=transport,
         on_outcome=lambda outcome: metrics.webhooks.labels(outcome).inc(),
     )

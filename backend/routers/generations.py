@@ -12,7 +12,6 @@ from routers.deps import (
     GenerationPolicyDep,
     GenerationsDep,
     IdempotencyKeyHeader,
-    SettingsDep,
 )
 
 router = APIRouter(prefix="/api/mv", tags=["asynchronous generation"])
@@ -27,6 +26,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such gen
     response_model=GenerationStatus,
     responses={
         429: {"description": "the generation queue is full; see Retry-After"},
+        422: {"description": "bad input; a webhook_url this server would not call"},
         503: {"description": "no generator can run; the message says what to configure"},
     },
 )
@@ -34,15 +34,12 @@ async def submit_character_reference_job(
     body: AsyncGenerateCharacterReferenceRequest,
     response: Response,
     generations: GenerationsDep,
-    settings: SettingsDep,
     policy: GenerationPolicyDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerationStatus:
     """Queue a generation (the sync route's body, plus `webhook_url`); poll `status_url`."""
     policy.check_can_run(body.backend)  # refused now, not when a client polls
-    status = await generations.submit(
-        body, idempotency_key, webhooks_enabled=settings.webhook_secret is not None
-    )
+    status = await generations.submit(body, idempotency_key)
     response.headers["Location"] = status.status_url
     return status
 

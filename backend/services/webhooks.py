@@ -1,15 +1,19 @@
-"""Signed webhook deliveries, retried with backoff, and the check a receiver runs.
+"""Signed webhook deliveries in the Standard Webhooks format, retried with backoff, and the
+check a receiver runs.
 
-Each delivery carries three headers:
-- `Webhook-Id`: the delivery id, the same on every retry (receivers de-duplicate by it);
-- `Webhook-Timestamp`: Unix seconds when this attempt was signed;
-- `Webhook-Signature`: `v1=` + hex HMAC-SHA256 of `{id}.{timestamp}.{body}` keyed with
-  WEBHOOK_SECRET.
+Each delivery carries the three Standard Webhooks headers (https://www.standardwebhooks.com),
+so receivers can verify it with any of that spec's libraries:
+- `webhook-id`: the delivery id, the same on every retry (receivers de-duplicate by it);
+- `webhook-timestamp`: Unix seconds when this attempt was signed;
+- `webhook-signature`: `v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`, keyed with the
+  bytes WEBHOOK_SECRET (`whsec_<base64>`) encodes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -24,20 +28,37 @@ from urllib.parse import urlsplit
 import httpx
 
 from services.backoff import backoff_delay, parse_retry_after
+from services.echo import shown
 from version import __version__
 
 logger = logging.getLogger(__name__)
 
+SECRET_PREFIX = "whsec_"
+MIN_SECRET_BYTES = 24
+MAX_SECRET_BYTES = 64
 SIGNATURE_VERSION = "v1"
 DEFAULT_TOLERANCE_SECONDS = 300
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-def signature(secret: str, delivery_id: str, timestamp: int, body: bytes) -> str:
-    """The `Webhook-Signature` value of one attempt."""
+def signing_key(secret: str) -> bytes:
+    """The key a `whsec_<base64>` secret encodes; ValueError saying what is wrong otherwise."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"must start with {SECRET_PREFIX} (the Standard Webhooks format)")
+    try:
+        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"must be {SECRET_PREFIX} followed by base64") from None
+    if not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
+        raise ValueError(f"must encode {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes")
+    return key
+
+
+def signature(key: bytes, delivery_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value of one attempt: `v1,<base64 HMAC-SHA256>`."""
     message = f"{delivery_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-    return f"{SIGNATURE_VERSION}={digest}"
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
 
 
 def verify_webhook(
@@ -48,42 +69,57 @@ def verify_webhook(
     tolerance_seconds: int = DEFAULT_TOLERANCE_SECONDS,
     now: float | None = None,
 ) -> bool:
-    """What a receiver runs: the signature matches and the timestamp is recent."""
+    """What a receiver runs: one of the `v1` signatures matches and the timestamp is recent."""
     lowered = {name.lower(): value for name, value in headers.items()}
     delivery_id = lowered.get("webhook-id", "")
     timestamp = lowered.get("webhook-timestamp", "")
-    received = lowered.get("webhook-signature", "")
     if not delivery_id or not timestamp.isdigit():
         return False
     if abs((now if now is not None else time.time()) - int(timestamp)) > tolerance_seconds:
         return False
-    expected = signature(secret, delivery_id, int(timestamp), body)
-    return hmac.compare_digest(expected, received)
+    expected = signature(signing_key(secret), delivery_id, int(timestamp), body).encode()
+    # The header may list several space-separated signatures (a secret being rotated).
+    offered = lowered.get("webhook-signature", "").split()
+    return any(hmac.compare_digest(expected, candidate.encode()) for candidate in offered)
 
 
 class WebhookRefusedError(Exception):
-    """The webhook URL may not be called (a private address while those are not allowed)."""
+    """The webhook URL may not be called: not https, or a non-public address, while those
+    are not allowed."""
 
 
-async def check_destination(url: str, *, allow_private_networks: bool) -> None:
-    """Refuse URLs whose host resolves to a loopback, private or link-local address.
+class WebhookUnresolvableError(WebhookRefusedError):
+    """The webhook's host does not resolve (now: at delivery this is retried)."""
+
+
+async def check_destination(
+    url: str, *, allow_private_networks: bool, allow_http: bool = False
+) -> None:
+    """Refuse plain-http URLs and hosts that resolve to loopback, private or link-local
+    addresses, unless the settings allow them; WebhookUnresolvableError for an unknown host.
 
     Webhook URLs come from clients; without this check they could make the server call its
-    own network (cloud metadata endpoints, internal services).
+    own network (cloud metadata endpoints, internal services), or send signed payloads in
+    the clear.
     """
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not allow_http:
+        raise WebhookRefusedError("must be an https:// URL (WEBHOOK_ALLOW_HTTP=true allows http)")
     if allow_private_networks:
         return
-    parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
     try:
         addresses = await loop.getaddrinfo(host, port)
-    except OSError as error:
-        raise WebhookRefusedError(f"cannot resolve {host!r}: {error}") from None
+    except OSError:
+        raise WebhookUnresolvableError(f"the host {shown(host)} does not resolve") from None
     for *_, sockaddr in addresses:
         if not ipaddress.ip_address(sockaddr[0]).is_global:
-            raise WebhookRefusedError(f"{host!r} resolves to a non-public address")
+            raise WebhookRefusedError(
+                f"the host {shown(host)} resolves to a non-public address "
+                "(WEBHOOK_ALLOW_PRIVATE_NETWORKS=true allows it)"
+            )
 
 
 class WebhookSender:
@@ -98,14 +134,16 @@ class WebhookSender:
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
         allow_private_networks: bool = False,
+        allow_http: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         on_outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
-        self._secret = secret
+        self._key = signing_key(secret)
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.allow_private_networks = allow_private_networks
+        self.allow_http = allow_http
         self._on_outcome = on_outcome
         self._client = httpx.AsyncClient(
             transport=transport,
@@ -133,25 +171,36 @@ class WebhookSender:
         timestamp = int(time.time()) if timestamp is None else timestamp
         return {
             "Content-Type": "application/json",
-            "Webhook-Id": delivery_id,
-            "Webhook-Timestamp": str(timestamp),
-            "Webhook-Signature": signature(self._secret, delivery_id, timestamp, body),
+            "webhook-id": delivery_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signature(self._key, delivery_id, timestamp, body),
         }
 
+    async def check(self, url: str) -> None:
+        """Refuse a destination this sender would not call (at submit, before any work)."""
+        await check_destination(
+            url, allow_private_networks=self.allow_private_networks, allow_http=self.allow_http
+        )
+
     async def deliver(self, url: str, delivery_id: str, body: bytes) -> bool:
-        """POST until a 2xx, a final refusal, or the last attempt; True when delivered."""
-        try:
-            await check_destination(url, allow_private_networks=self.allow_private_networks)
-        except WebhookRefusedError as error:
-            logger.warning("webhook %s not sent: %s", delivery_id, error)
-            self._on_outcome("refused")
-            return False
+        """POST until a 2xx, a final refusal, or the last attempt; True when delivered.
+
+        A host that does not resolve is retried like a 5xx (DNS may be down for a moment);
+        a destination the settings do not allow is refused at once.
+        """
         for attempt in range(1, self.max_attempts + 1):
             retry_after: float | None = None
             try:
+                await self.check(url)
                 response = await self._client.post(
                     url, content=body, headers=self.headers(delivery_id, body)
                 )
+            except WebhookUnresolvableError as error:
+                failure = str(error)
+            except WebhookRefusedError as error:
+                logger.warning("webhook %s not sent: %s", delivery_id, error)
+                self._on_outcome("refused")
+                return False
             except httpx.HTTPError as error:
                 failure = type(error).__name__
             else:

@@ -485,7 +485,7 @@ def test_config_debug_never_shows_a_secret(make_api: Callable[..., ApiHarness]) 
 
     secrets = {
         "replicate_api_token": "r8_catalogue-secret-token",
-        "webhook_secret": "catalogue-webhook-secret-0123",
+        "webhook_secret": "whsec_Y2F0YWxvZ3VlLXdlYmhvb2stc2VjcmV0LTAxMjM0NTY3",
         "api_keys": "catalogue-api-key-0123456789,second-catalogue-key-0123",
         "url_signing_secret": "catalogue-url-signing-secret-0123456789",
     }

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ApiHarness, image_bytes
 
+WEBHOOK_SECRET = "whsec_c2VjcmV0LXdlYmhvb2stdmFsdWUtZm9yLWRlYnVnLXRlc3Q="
+
 GENERATE = "/api/mv/generate_character_reference"
 UPLOAD = "/api/mv/upload_character_reference"
 
@@ -475,7 +477,7 @@ def test_config_debug_shows_settings_and_never_secrets(make_api: Callable[..., A
         replicate_api_token="r8_very-secret-token",
         serve_from_cloud=True,
         debug_endpoints=True,
-        webhook_secret="webhook-secret-value-0123",
+        webhook_secret=WEBHOOK_SECRET,
     )
     reply = api.client.get("/api/mv/config/debug")
     assert reply.status_code == 200
@@ -488,7 +490,7 @@ def test_config_debug_shows_settings_and_never_secrets(make_api: Callable[..., A
     assert body["replicate_configured"] is True
     assert set(body["generation"]["generators"]) == {"local", "replicate"}
     assert body["webhooks_enabled"] is True
-    for secret in ("r8_very-secret-token", "testing", "webhook-secret-value-0123"):
+    for secret in ("r8_very-secret-token", "testing", WEBHOOK_SECRET):
         assert secret not in reply.text
 
 

@@ -236,7 +236,7 @@ def test_without_api_keys_no_key_is_needed(make_api: Callable[..., ApiHarness]) 
         ("api_keys", f"{KEY},", "at least 16"),
         ("cors_origins", "https://app.example.com/path", "not an origin"),
         ("cors_origins", "*,https://app.example.com", "'*' alone"),
-        ("webhook_secret", "short", "at least 16"),
+        ("webhook_secret", "short-and-not-standard", "must start with whsec_"),
         ("url_signing_secret", "s" * 31, "at least 32"),
         ("instance_name", "has space", "must be"),
     ],

@@ -1,14 +1,26 @@
-"""Webhook deliveries in isolation: signatures, which replies are retried, backoff bounds."""
+"""Webhook deliveries in isolation: Standard Webhooks signatures, which failures are retried,
+which destinations are refused, backoff bounds."""
 
 from __future__ import annotations
+
+import base64
 
 import httpx
 import pytest
 
 from services.backoff import backoff_delay
-from services.webhooks import WebhookSender, check_destination, signature, verify_webhook
+from services.webhooks import (
+    WebhookRefusedError,
+    WebhookSender,
+    WebhookUnresolvableError,
+    check_destination,
+    signature,
+    signing_key,
+    verify_webhook,
+)
 
-SECRET = "webhook-secret-0123456789"
+SECRET = "whsec_" + base64.b64encode(b"unit-test-webhook-secret-32bytes").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"another-webhook-secret-of-32byte").decode()
 
 
 def sender(replies: list[int], seen: list[httpx.Request], **options: object) -> WebhookSender:
@@ -57,14 +69,59 @@ def test_signatures_bind_id_timestamp_and_body() -> None:
     headers = {
         "Webhook-Id": "d-4",
         "Webhook-Timestamp": "1700000000",
-        "Webhook-Signature": signature(SECRET, "d-4", 1700000000, body),
+        "Webhook-Signature": signature(signing_key(SECRET), "d-4", 1700000000, body),
     }
+    assert headers["Webhook-Signature"].startswith("v1,")
     assert verify_webhook(SECRET, headers, body, now=1700000100)
     assert not verify_webhook(SECRET, headers, body, now=1700001000)  # too old: a replay
     assert not verify_webhook(SECRET, {**headers, "Webhook-Id": "d-5"}, body, now=1700000000)
     tampered = {**headers, "Webhook-Timestamp": "1700000001"}
     assert not verify_webhook(SECRET, tampered, body, now=1700000000)
     assert not verify_webhook(SECRET, {}, body)
+    assert not verify_webhook(OTHER_SECRET, headers, body, now=1700000000)
+    # Several signatures (a secret being rotated): any one that matches will do.
+    rotated = {**headers, "Webhook-Signature": "v1,bm90IGl0 " + headers["Webhook-Signature"]}
+    assert verify_webhook(SECRET, rotated, body, now=1700000000)
+
+
+@pytest.mark.parametrize(
+    ("secret", "why"),
+    [
+        ("plain-secret-without-prefix-0123456", "must start with whsec_"),
+        ("whsec_not base64!", "followed by base64"),
+        ("whsec_" + base64.b64encode(b"too-short").decode(), "24 to 64 bytes"),
+    ],
+)
+def test_secrets_must_be_standard_webhooks_secrets(secret: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        signing_key(secret)
+
+
+async def test_a_host_that_does_not_resolve_is_retried_then_fails() -> None:
+    seen: list[httpx.Request] = []
+    outcomes: list[str] = []
+    unresolvable = WebhookSender(
+        SECRET,
+        max_attempts=3,
+        backoff_base=0.001,
+        transport=httpx.MockTransport(lambda request: seen.append(request) or httpx.Response(200)),
+        on_outcome=outcomes.append,
+    )
+    delivered = await unresolvable.deliver("https://no-such-host.invalid/hook", "d-6", b"{}")
+    assert delivered is False
+    assert outcomes == ["failed"]  # retried like a 5xx, not refused after one try
+    assert seen == []
+    await unresolvable.aclose()
+
+
+async def test_plain_http_is_refused_unless_allowed() -> None:
+    with pytest.raises(WebhookRefusedError, match="https"):
+        await check_destination("http://hooks.example.com/x", allow_private_networks=True)
+    await check_destination(
+        "http://hooks.example.com/x", allow_private_networks=True, allow_http=True
+    )
+    with pytest.raises(WebhookUnresolvableError, match="does not resolve"):
+        await check_destination("https://no-such-host.invalid/x", allow_private_networks=False)
 
 
 @pytest.mark.parametrize(
@@ -77,9 +134,9 @@ def test_signatures_bind_id_timestamp_and_body() -> None:
     ],
 )
 async def test_private_destinations_are_refused(url: str) -> None:
-    with pytest.raises(Exception, match="non-public"):
-        await check_destination(url, allow_private_networks=False)
-    await check_destination(url, allow_private_networks=True)
+    with pytest.raises(WebhookRefusedError, match="non-public"):
+        await check_destination(url, allow_private_networks=False, allow_http=True)
+    await check_destination(url, allow_private_networks=True, allow_http=True)
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 5, 30, 200])

@@ -43,6 +43,7 @@ from services.storage.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from services.webhooks import WebhookRefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 _FIELD_ERRORS: list[tuple[type[Exception], tuple[str, str]]] = [
     (IdempotencyKeyError, ("header", "Idempotency-Key")),
     (WebhooksDisabledError, ("body", "webhook_url")),
+    (WebhookRefusedError, ("body", "webhook_url")),
     (GeneratorNotOfferedError, ("body", "backend")),
 ]
 

@@ -26,6 +26,7 @@ from services.generation.records import (
 )
 from services.idempotency import IdempotencyStore
 from services.jobs import JobService
+from services.webhooks import WebhookSender
 
 SYNC_SCOPE = "generate_character_reference"
 ASYNC_SCOPE = "character_reference_jobs"
@@ -50,10 +51,12 @@ class GenerationService:
         idempotency: IdempotencyStore,
         jobs: JobService,
         *,
+        webhooks: WebhookSender | None = None,
         public_base_url: str | None = None,
         replay_timeout_seconds: float = 300.0,
     ) -> None:
         self.queue = queue
+        self.webhooks = webhooks
         self.replay_timeout_seconds = replay_timeout_seconds
         self.assets = assets
         self.idempotency = idempotency
@@ -96,17 +99,19 @@ class GenerationService:
         return generation_id, await self.result(generation_id)
 
     async def submit(
-        self,
-        body: AsyncGenerateCharacterReferenceRequest,
-        idempotency_key: str | None = None,
-        *,
-        webhooks_enabled: bool,
+        self, body: AsyncGenerateCharacterReferenceRequest, idempotency_key: str | None = None
     ) -> GenerationStatus:
-        """Queue the generation and return its status at once (the async route)."""
-        if body.webhook_url is not None and not webhooks_enabled:
-            raise WebhooksDisabledError(
-                "webhooks are disabled on this server: set WEBHOOK_SECRET to enable them"
-            )
+        """Queue the generation and return its status at once (the async route).
+
+        A webhook URL is checked first (WebhooksDisabledError, WebhookRefusedError): a
+        destination that would be refused later is refused now, before any work.
+        """
+        if body.webhook_url is not None:
+            if self.webhooks is None:
+                raise WebhooksDisabledError(
+                    "webhooks are disabled on this server: set WEBHOOK_SECRET to enable them"
+                )
+            await self.webhooks.check(body.webhook_url)
         generation_id = await self._submit_once(
             ASYNC_SCOPE,
             idempotency_key,

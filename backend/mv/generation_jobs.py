@@ -63,6 +63,18 @@ class AsyncGenerateCharacterReferenceRequest(GenerateCharacterReferenceRequest):
         return GenerateCharacterReferenceRequest(**self.model_dump(exclude={"webhook_url"}))
 
 
+class WebhookDelivery(BaseModel):
+    """What happened to a generation's webhook."""
+
+    status: Literal["pending", "delivered", "failed", "refused"] = Field(
+        description="pending while being sent or retried; refused: the receiver answered a "
+        "4xx other than 408/425/429, or the destination is not allowed"
+    )
+    delivery_id: str = Field(description="the webhook-id header, the same on every attempt")
+    attempts: int = Field(ge=0)
+    last_error: str | None = Field(default=None, description="of the last failed attempt")
+
+
 class GenerationStatus(BaseModel):
     """A generation as clients see it: reply of the status URL, and webhook payload."""
 
@@ -80,3 +92,6 @@ class GenerationStatus(BaseModel):
         default=None, description="exactly the sync route's reply, once succeeded"
     )
     error: GenerationFailure | None = None
+    webhook: WebhookDelivery | None = Field(
+        default=None, description="when a webhook_url was given, once the generation finished"
+    )

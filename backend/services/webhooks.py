@@ -21,8 +21,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -122,6 +123,15 @@ async def check_destination(
             )
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """How a delivery ended: delivered, failed (attempts ran out) or refused."""
+
+    status: Literal["delivered", "failed", "refused"]
+    attempts: int
+    last_error: str | None = None
+
+
 class WebhookSender:
     """Delivers events in the background; each delivery is retried until it gets a 2xx."""
 
@@ -151,18 +161,44 @@ class WebhookSender:
             follow_redirects=False,  # a redirect must not steer a signed payload elsewhere
             headers={"User-Agent": f"mv-backend/{__version__}"},
         )
-        self._tasks: set[asyncio.Task[bool]] = set()
+        self._tasks: set[asyncio.Task[DeliveryOutcome]] = set()
 
-    def send(self, url: str, event_type: str, data: dict[str, Any]) -> str:
-        """Start delivering `data` as a `event_type` event; returns the delivery id."""
-        delivery_id = str(uuid.uuid4())
+    def send(
+        self,
+        url: str,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        delivery_id: str | None = None,
+        on_finished: Callable[[DeliveryOutcome], Awaitable[None]] | None = None,
+    ) -> str:
+        """Start delivering `data` as a `event_type` event; returns the delivery id.
+
+        `on_finished` is awaited with the outcome once the delivery ends.
+        """
+        delivery_id = delivery_id or str(uuid.uuid4())
         body = json.dumps(
             {"id": delivery_id, "type": event_type, "data": data}, separators=(",", ":")
         ).encode()
-        task = asyncio.create_task(self.deliver(url, delivery_id, body))
+        task = asyncio.create_task(self._deliver_and_report(url, delivery_id, body, on_finished))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return delivery_id
+
+    async def _deliver_and_report(
+        self,
+        url: str,
+        delivery_id: str,
+        body: bytes,
+        on_finished: Callable[[DeliveryOutcome], Awaitable[None]] | None,
+    ) -> DeliveryOutcome:
+        outcome = await self.deliver(url, delivery_id, body)
+        if on_finished is not None:
+            try:
+                await on_finished(outcome)
+            except Exception:  # reporting must not break the sender
+                logger.exception("recording the outcome of webhook %s failed", delivery_id)
+        return outcome
 
     def headers(
         self, delivery_id: str, body: bytes, timestamp: int | None = None
@@ -182,12 +218,13 @@ class WebhookSender:
             url, allow_private_networks=self.allow_private_networks, allow_http=self.allow_http
         )
 
-    async def deliver(self, url: str, delivery_id: str, body: bytes) -> bool:
-        """POST until a 2xx, a final refusal, or the last attempt; True when delivered.
+    async def deliver(self, url: str, delivery_id: str, body: bytes) -> DeliveryOutcome:
+        """POST until a 2xx, a final refusal, or the last attempt; how it ended.
 
         A host that does not resolve is retried like a 5xx (DNS may be down for a moment);
         a destination the settings do not allow is refused at once.
         """
+        failure: str | None = None
         for attempt in range(1, self.max_attempts + 1):
             retry_after: float | None = None
             try:
@@ -199,19 +236,16 @@ class WebhookSender:
                 failure = str(error)
             except WebhookRefusedError as error:
                 logger.warning("webhook %s not sent: %s", delivery_id, error)
-                self._on_outcome("refused")
-                return False
+                return self._ended("refused", attempt, str(error))
             except httpx.HTTPError as error:
                 failure = type(error).__name__
             else:
                 if 200 <= response.status_code < 300:
-                    self._on_outcome("delivered")
-                    return True
+                    return self._ended("delivered", attempt, failure)
                 failure = f"HTTP {response.status_code}"
                 if response.status_code not in RETRYABLE_STATUS:
                     logger.warning("webhook %s refused by receiver: %s", delivery_id, failure)
-                    self._on_outcome("refused")
-                    return False
+                    return self._ended("refused", attempt, failure)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if attempt == self.max_attempts:
                 break
@@ -221,8 +255,13 @@ class WebhookSender:
             logger.info("webhook %s: %s; retry in %.2f s", delivery_id, failure, delay)
             await asyncio.sleep(delay)
         logger.warning("webhook %s failed after %d attempt(s)", delivery_id, self.max_attempts)
-        self._on_outcome("failed")
-        return False
+        return self._ended("failed", self.max_attempts, failure)
+
+    def _ended(
+        self, status: Literal["delivered", "failed", "refused"], attempts: int, error: str | None
+    ) -> DeliveryOutcome:
+        self._on_outcome(status)
+        return DeliveryOutcome(status, attempts, error)
 
     async def drain(self, seconds: float) -> None:
         """Wait up to `seconds` for deliveries in progress (tests, shutdown)."""

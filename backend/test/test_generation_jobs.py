@@ -311,6 +311,44 @@ def test_webhook_is_signed_and_retried_with_the_same_delivery_id(
     assert all(image["base64"] is None for image in event["data"]["result"]["images"])
     metrics = api.client.get("/metrics").text
     assert 'mv_webhook_deliveries_total{outcome="delivered"} 1.0' in metrics
+    # The status reply (and the stored record) says what happened to the webhook.
+    webhook = _wait_for_webhook(api, status["status_url"])
+    assert webhook == {
+        "status": "delivered",
+        "delivery_id": first.headers["webhook-id"],
+        "attempts": 2,
+        "last_error": "HTTP 503",
+    }
+    assert "webhook" not in event["data"]  # the payload does not describe its own delivery
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [
+        ([503, 503, 503], {"status": "failed", "attempts": 3, "last_error": "HTTP 503"}),
+        ([410], {"status": "refused", "attempts": 1, "last_error": "HTTP 410"}),
+    ],
+)
+def test_the_status_says_when_a_webhook_failed_or_was_refused(
+    make_api: Callable[..., ApiHarness], statuses: list[int], expected: dict[str, Any]
+) -> None:
+    with webhook_receiver(statuses=statuses) as receiver:
+        api, blocking = blocking_api(make_api)
+        blocking.release.set()
+        status = submit(api, {**BODY, "webhook_url": receiver.url})
+        webhook = _wait_for_webhook(api, status["status_url"])
+    assert {name: webhook[name] for name in expected} == expected
+    assert len(receiver.deliveries) == expected["attempts"]
+
+
+def _wait_for_webhook(api: ApiHarness, status_url: str) -> dict[str, Any]:
+    """The status reply's `webhook` once its delivery has ended."""
+    for _ in range(500):
+        webhook = api.client.get(status_url).json().get("webhook")
+        if webhook is not None and webhook["status"] != "pending":
+            return webhook
+        time.sleep(0.02)
+    raise AssertionError(f"the webhook of {status_url} is still pending: {webhook}")
 
 
 def test_webhooks_need_a_secret(make_api: Callable[..., ApiHarness]) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from services.backoff import backoff_delay
 from services.webhooks import (
+    DeliveryOutcome,
     WebhookRefusedError,
     WebhookSender,
     WebhookUnresolvableError,
@@ -44,11 +45,13 @@ async def test_a_refusal_is_not_retried_and_a_5xx_is_until_attempts_run_out() ->
     seen: list[httpx.Request] = []
     outcomes: list[str] = []
     refused = sender([400], seen, on_outcome=outcomes.append)
-    assert await refused.deliver("https://hooks.example.com/a", "d-1", b"{}") is False
+    refusal = await refused.deliver("https://hooks.example.com/a", "d-1", b"{}")
+    assert refusal == DeliveryOutcome("refused", 1, "HTTP 400")
     assert len(seen) == 1
     seen.clear()
     failing = sender([503, 502, 500], seen, on_outcome=outcomes.append)
-    assert await failing.deliver("https://hooks.example.com/a", "d-2", b"{}") is False
+    failure = await failing.deliver("https://hooks.example.com/a", "d-2", b"{}")
+    assert failure == DeliveryOutcome("failed", 3, "HTTP 500")
     assert len(seen) == 3
     assert {request.headers["Webhook-Id"] for request in seen} == {"d-2"}
     assert outcomes == ["refused", "failed"]
@@ -59,7 +62,8 @@ async def test_a_refusal_is_not_retried_and_a_5xx_is_until_attempts_run_out() ->
 async def test_redirects_are_not_followed() -> None:
     seen: list[httpx.Request] = []
     redirected = sender([307], seen)
-    assert await redirected.deliver("https://hooks.example.com/a", "d-3", b"{}") is False
+    outcome = await redirected.deliver("https://hooks.example.com/a", "d-3", b"{}")
+    assert outcome.status == "refused"
     assert [str(request.url) for request in seen] == ["https://hooks.example.com/a"]
     await redirected.aclose()
 
@@ -107,9 +111,11 @@ async def test_a_host_that_does_not_resolve_is_retried_then_fails() -> None:
         transport=httpx.MockTransport(lambda request: seen.append(request) or httpx.Response(200)),
         on_outcome=outcomes.append,
     )
-    delivered = await unresolvable.deliver("https://no-such-host.invalid/hook", "d-6", b"{}")
-    assert delivered is False
-    assert outcomes == ["failed"]  # retried like a 5xx, not refused after one try
+    outcome = await unresolvable.deliver("https://no-such-host.invalid/hook", "d-6", b"{}")
+    assert outcome.status == "failed"  # retried like a 5xx, not refused after one try
+    assert outcome.attempts == 3
+    assert "does not resolve" in str(outcome.last_error)
+    assert outcomes == ["failed"]
     assert seen == []
     await unresolvable.aclose()
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +24,12 @@ from mv.character_reference import (
     GenerateCharacterReferenceRequest,
     GenerateCharacterReferenceResponse,
 )
-from mv.generation_jobs import GenerationFailure, GenerationProgressInfo, GenerationState
+from mv.generation_jobs import (
+    GenerationFailure,
+    GenerationProgressInfo,
+    GenerationState,
+    WebhookDelivery,
+)
 from observability import bind, request_id_var
 from services.asset_records import utc_now
 from services.generation.base import (
@@ -39,7 +46,7 @@ from services.generation.records import (
 )
 from services.metrics import Metrics
 from services.storage.errors import PreconditionFailedError
-from services.webhooks import WebhookSender
+from services.webhooks import DeliveryOutcome, WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -272,11 +279,33 @@ class GenerationQueue:
                 )
             else:
                 entry.done.set_exception(GenerationCanceledError("the generation was canceled"))
+        webhooks = self.webhooks if record.webhook_url else None
+        if webhooks is not None:
+            record.webhook = WebhookDelivery(
+                status="pending", delivery_id=str(uuid.uuid4()), attempts=0
+            )
         if await self._save_quietly(record):
             self._live.pop(entry.generation_id, None)
         # else the entry stays live, answering for the record, until _watch saves it
-        if record.webhook_url and self.webhooks is not None:
-            self.webhooks.send(record.webhook_url, f"generation.{status}", public_view(record))
+        if webhooks is not None and record.webhook_url and record.webhook is not None:
+            webhooks.send(
+                record.webhook_url,
+                f"generation.{status}",
+                public_view(record),
+                delivery_id=record.webhook.delivery_id,
+                on_finished=functools.partial(self._record_webhook, record),
+            )
+
+    async def _record_webhook(self, record: GenerationRecord, outcome: DeliveryOutcome) -> None:
+        """Store how the record's webhook delivery ended (in the live entry, if any, too)."""
+        assert record.webhook is not None
+        record.webhook = WebhookDelivery(
+            status=outcome.status,
+            delivery_id=record.webhook.delivery_id,
+            attempts=outcome.attempts,
+            last_error=outcome.last_error,
+        )
+        await self.records.record_webhook(record.generation_id, record.webhook)
 
     async def _save_quietly(self, record: GenerationRecord) -> bool:
         """Save; on failure log it and keep the record to save again (whether it was saved).
@@ -394,4 +423,4 @@ def strip_base64(
 
 def public_view(record: GenerationRecord) -> dict[str, object]:
     """A record as webhook payloads carry it: no request, owner or webhook URL."""
-    return record.model_dump(mode="json", exclude={"instance", "webhook_url", "request"})
+    return record.model_dump(mode="json", exclude={"instance", "webhook_url", "request", "webhook"})

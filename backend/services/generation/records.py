@@ -17,7 +17,12 @@ from mv.character_reference import (
     GenerateCharacterReferenceRequest,
     GenerateCharacterReferenceResponse,
 )
-from mv.generation_jobs import GenerationFailure, GenerationProgressInfo, GenerationState
+from mv.generation_jobs import (
+    GenerationFailure,
+    GenerationProgressInfo,
+    GenerationState,
+    WebhookDelivery,
+)
 from services.asset_records import utc_now
 from services.generation.base import GenerationError
 from services.storage.base import StorageBackend
@@ -57,6 +62,7 @@ class GenerationRecord(BaseModel):
     # The sync route's reply, stored without base64 (the images themselves are stored).
     result: GenerateCharacterReferenceResponse | None = None
     error: GenerationFailure | None = None
+    webhook: WebhookDelivery | None = None
 
     @property
     def finished(self) -> bool:
@@ -115,6 +121,21 @@ class GenerationRecordStore:
         updated = await asyncio.to_thread(update_object, self.storage, key, change)
         if record.finished:
             await asyncio.to_thread(self.storage.delete, marker)
+        return updated.changed
+
+    async def record_webhook(self, generation_id: str, webhook: WebhookDelivery) -> bool:
+        """Set what happened to the record's webhook: the one change a finished record takes
+        (a compare-and-swap, like every save); False when there is no such record."""
+
+        def change(stored: bytes | None) -> bytes | None:
+            if stored is None:
+                return None
+            record = GenerationRecord.model_validate_json(stored)
+            record.webhook = webhook
+            return record.model_dump_json(indent=2).encode()
+
+        key = generation_key(generation_id)
+        updated = await asyncio.to_thread(update_object, self.storage, key, change)
         return updated.changed
 
     async def load(self, generation_id: str) -> GenerationRecord | None:

@@ -149,6 +149,7 @@ class GenerationService:
             finished_at=record.finished_at,
             result=result,
             error=record.error,
+            webhook=record.webhook,
         )
 
     async def full_reply(

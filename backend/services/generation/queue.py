@@ -279,17 +279,18 @@ class GenerationQueue:
                 )
             else:
                 entry.done.set_exception(GenerationCanceledError("the generation was canceled"))
-        webhooks = self.webhooks if record.webhook_url else None
-        if webhooks is not None:
+        webhook_url, webhooks = record.webhook_url, self.webhooks
+        if webhook_url and webhooks is not None:
+            # Saved as pending with the final state, so a reader sees a webhook is on its way.
             record.webhook = WebhookDelivery(
                 status="pending", delivery_id=str(uuid.uuid4()), attempts=0
             )
         if await self._save_quietly(record):
             self._live.pop(entry.generation_id, None)
         # else the entry stays live, answering for the record, until _watch saves it
-        if webhooks is not None and record.webhook_url and record.webhook is not None:
+        if webhook_url and webhooks is not None and record.webhook is not None:
             webhooks.send(
-                record.webhook_url,
+                webhook_url,
                 f"generation.{status}",
                 public_view(record),
                 delivery_id=record.webhook.delivery_id,

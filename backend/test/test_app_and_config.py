@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -228,6 +229,31 @@ def test_example_script_runs_the_five_methods(
     assert f"ok: {mode} mode, 2 files identical" in result.stdout
     if mode == "s3":
         assert "X-Amz-Signature" in result.stdout
+
+
+def test_the_readme_python_api_example_is_the_file_it_runs(tmp_path: Path) -> None:
+    example = (BACKEND_DIR / "examples" / "python_api.py").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"```python\n{example}```" in readme, "the README's copy differs from the file"
+    image = tmp_path / "robot.png"
+    image.write_bytes(image_bytes())
+    # As the README says: from backend/, with the venv's Python.
+    result = subprocess.run(
+        [sys.executable, "examples/python_api.py", str(image)],
+        cwd=BACKEND_DIR,
+        env=_server_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    stored = re.search(
+        r"^stored: /api/mv/get_character_reference/([0-9a-f-]{36})$", result.stdout, re.M
+    )
+    assert stored is not None, result.stdout
+    image_id = stored.group(1)
+    assert f"found: /api/mv/get_character_reference/{image_id}" in result.stdout
+    assert f"restored: ['character_reference/{image_id}.png']" in result.stdout
 
 
 def test_tiny_model_command_builds_a_loadable_pipeline(

@@ -12,7 +12,7 @@ PORT ?= 8000
 PRIVATE_NETWORK := tools/private_network.sh
 WORKER_HOST ?= 127.0.0.1
 
-.PHONY: run run-tiny tiny-model worker test test-integration test-gpu lint bench bench-gpu clean
+.PHONY: run run-tiny tiny-model worker test test-integration test-gpu lint bench bench-readme bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ lint: $(VENV)/.dev-installed
 # (the real-size GPU rows too, when CUDA is present).
 bench: $(VENV)/.dev-installed
 	cd backend && $(PRIVATE_NETWORK) ../$(BIN)/python ../bench/all.py
+
+# `make bench`, then its table written into the README (bench/readme_table.py).
+bench-readme: $(VENV)/.dev-installed
+	$(MAKE) --no-print-directory bench | tee .bench-last-run.txt
+	$(BIN)/python bench/readme_table.py .bench-last-run.txt
 
 # Real-size FLUX.1-schnell and SDXL-Turbo architectures with random weights; needs CUDA.
 bench-gpu: $(VENV)/.runtime-installed

@@ -41,7 +41,7 @@ import run as storage
 import serving
 import thumbnails
 import worker_tier
-from report import Row, print_table
+from report import CPU_ROWS, GPU_ROW_PREFIX, Row, print_table
 
 
 def main() -> int:
@@ -67,9 +67,13 @@ def main() -> int:
         rows += step()
     print()
     print_table(rows, title=f"All benchmarks, one run ({time.perf_counter() - started:.0f} s)")
-    if not any(row.name.startswith("real-size") for row in rows):
+    if not any(row.name.startswith(GPU_ROW_PREFIX) for row in rows):
         print("GPU rows: skipped, no CUDA device here (`make bench-gpu` on a CUDA machine).")
     print("ratio = backend / baseline; '/s' units: higher is better, 's'/'ms': lower is.")
+    produced = tuple(row.name for row in rows if not row.name.startswith(GPU_ROW_PREFIX))
+    if produced != CPU_ROWS:
+        print("error: the rows differ from CPU_ROWS in bench/report.py; update it", file=sys.stderr)
+        return 1
     return 0
 
 

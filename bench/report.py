@@ -6,6 +6,37 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# Every row `make bench` prints without CUDA, in order. bench/all.py checks each run against
+# this list, and the test suite checks the README's table against it. With CUDA, rows named
+# GPU_ROW_PREFIX... come on top.
+CPU_ROWS: tuple[str, ...] = (
+    "presign vs bare boto3 generate_presigned_url",
+    "presign, keys new to the process, vs bare boto3",
+    "persist, 1 in flight, vs bare boto3 put_object (image + sidecar)",
+    "persist, 1 in flight, vs bare boto3 put_object (image only)",
+    "persist, 4 in flight, vs bare boto3 put_object (image + sidecar)",
+    "persist, 4 in flight, vs bare boto3 put_object (image only)",
+    "attach to one job, 8 writers on 2 replicas (S3)",
+    "attach to one job, 8 writers on 2 replicas (one OUTPUT_DIR)",
+    "local image GET vs bare FileResponse app",
+    "redirect (307 to S3) vs bare redirect app",
+    "4 candidates as thumbnails vs originals",
+    "4 noise candidates as thumbnails vs originals",
+    "thumbnail GET vs original GET",
+    "/health p50 under generation load vs idle",
+    "/health p99 under generation load vs idle",
+    "/health max under generation load vs idle",
+    "generation end to end vs bare pipeline: API, local storage",
+    "generation end to end vs bare pipeline: API, local storage, no base64",
+    "generation end to end vs bare pipeline: API, S3 storage (moto)",
+    "generation end to end vs bare pipeline: API, S3 storage (moto), no base64",
+    "cross-request batching: 8 one-image requests via API + worker vs bare 2 x 4",
+    "worker path overhead: 4-image request via worker vs in-process",
+    "/health p99 while the worker generates vs idle (API, worker mode)",
+    "/health max while the worker generates vs idle (API, worker mode)",
+)
+GPU_ROW_PREFIX = "real-size"
+
 
 @dataclass(frozen=True)
 class Row:

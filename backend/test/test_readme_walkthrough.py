@@ -3,8 +3,9 @@
 against the servers the blocks start themselves (the tiny model on ports 8000 and 8001, moto
 on 5000). Then the promises the text makes are checked: files, statuses, the bucket.
 
-A README edit that breaks a command fails this test. Blocks without the marker need what a
-test machine cannot have (a GPU, a Ray cluster, real credentials) and are not run.
+A README edit that breaks a command fails this test. Every other shell block is marked
+`<!-- readme-test: skip: <why> -->`: it needs what a test machine cannot have (a GPU, a Ray
+cluster, real credentials) or another test runs what it shows.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ LIST_BUCKET = (
 def marked_blocks(readme: str) -> list[str]:
     """The shell blocks marked to run, in README order."""
     return re.findall(re.escape(RUN_MARKER) + r"\n```bash\n(.*?)```", readme, re.S)
+
+
+def test_every_shell_block_is_run_or_says_why_not() -> None:
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line.strip() == "```bash":
+            marker = lines[number - 1].strip()
+            skip = re.fullmatch(r"<!-- readme-test: skip: (.{10,}) -->", marker)
+            assert marker == RUN_MARKER or skip, f"README line {number + 1}: no readme-test marker"
 
 
 def _in_use(port: int) -> bool:

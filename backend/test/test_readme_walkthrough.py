@@ -1,7 +1,8 @@
 """The README's walk-through runs as written: every shell block marked
 `<!-- readme-test: run -->`, in order, in one shell, in a temporary copy of the repository,
 against the servers the blocks start themselves (the tiny model on ports 8000 and 8001, moto
-on 5000). Then the promises the text makes are checked: files, statuses, the bucket.
+on 5000, a webhook receiver on 9000). Then the promises the text makes are checked: files,
+statuses, the bucket, the webhook.
 
 A README edit that breaks a command fails this test. Every other shell block is marked
 `<!-- readme-test: skip: <why> -->`: it needs what a test machine cannot have (a GPU, a Ray
@@ -10,6 +11,7 @@ cluster, real credentials) or another test runs what it shows.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -23,12 +25,13 @@ from config import REPO_ROOT
 from replicas import process_environment
 
 RUN_MARKER = "<!-- readme-test: run -->"
-PORTS = (8000, 8001, 5000)
+PORTS = (8000, 8001, 5000, 9000)
 # Paths outside the copy that the walk-through itself names.
 SCRATCH = (Path("/tmp/video-1"), Path("/tmp/mv-s3-cache"))
 STOP_SERVERS = (
     'pkill -f "python -m server --host 127.0.0.1 --port 800"; '
-    'pkill -f "moto.server -H 127.0.0.1 -p 5000"'
+    'pkill -f "moto.server -H 127.0.0.1 -p 5000"; '
+    'pkill -f "examples/webhook_receiver.py 9000"'
 )
 # Run by the test once the blocks are done, while moto still serves: what the bucket holds.
 LIST_BUCKET = (
@@ -59,9 +62,13 @@ def _in_use(port: int) -> bool:
 
 
 def _copy_working_tree(target: Path) -> None:
-    """The tracked files as they are now (edits included), and the installed venv."""
+    """The repository's files as they are now (edits and new files included, nothing git
+    ignores), and the installed venv."""
     listed = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
     ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         source = REPO_ROOT / name
@@ -113,7 +120,12 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     stored = (copy / "bucket.txt").read_text().split()
     assert "jobs/video-1/renders/take1.txt" in stored
     assert "jobs/video-1/manifest.json" in stored
-    # Async: 202 with a status URL, then a cancel; operations: health and version.
+    # Async: 202 with a status URL, a cancel, its signed webhook verified by the receiver,
+    # and the status saying it was delivered; operations: health and version.
     assert '"status_url":"/api/mv/character_reference_jobs/' in output
+    generation_id = json.loads((copy / "job.json").read_text())["generation_id"]
+    received = (copy / "webhooks.log").read_text()
+    assert f"verified generation.canceled {generation_id}" in received
+    assert "'status': 'delivered'" in output
     assert '{"status":"ok"}' in output
     assert '"name":"mv-backend"' in output

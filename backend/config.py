@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -287,3 +288,13 @@ def describe_validation_error(error: ValidationError) -> str:
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return load_settings()
+
+
+def settings_or_exit() -> Settings:
+    """The process-wide settings; a bad one ends the process with status 2 and a one-line
+    reason naming it (clearer than a traceback when a server or command refuses to start)."""
+    try:
+        return get_settings()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from fastapi import Depends, FastAPI, Security
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from config import Settings, SettingsError, get_settings
+from config import Settings, get_settings, settings_or_exit
 from middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -243,13 +242,4 @@ def _webhook_sender(
     )
 
 
-def _app_from_environment() -> FastAPI:
-    try:
-        return create_app(configure_logs=True)
-    except SettingsError as error:
-        # A clear one-line reason beats a traceback when the server refuses to start.
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-app = _app_from_environment()
+app = create_app(settings_or_exit(), configure_logs=True)

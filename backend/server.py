@@ -10,12 +10,11 @@ are uvicorn's plain text).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import uvicorn
 
-from config import SettingsError, get_settings
+from config import settings_or_exit
 from observability import configure_logging
 
 
@@ -25,11 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    try:
-        settings = get_settings()
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     # Requests are logged by the app itself (with ids, status and duration), not uvicorn.
     uvicorn.run("main:app", host=args.host, port=args.port, log_config=None, access_log=False)

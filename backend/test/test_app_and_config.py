@@ -191,9 +191,16 @@ def test_server_command_runs_the_flow_with_the_tiny_model(tmp_path: Path, tiny_f
         server.wait(timeout=10)
 
 
-def test_invalid_setting_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["-c", "import main"], ["-m", "server", "--port", "1"], ["-m", "tools.retention", "verify"]],
+    ids=["uvicorn main:app", "python -m server", "tools.retention"],
+)
+def test_invalid_setting_stops_the_start_with_a_clear_message(
+    tmp_path: Path, command: list[str]
+) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import main"],
+        [sys.executable, *command],
         cwd=BACKEND_DIR,
         env=_server_env(tmp_path, PRESIGNED_URL_EXPIRY="604801"),
         capture_output=True,

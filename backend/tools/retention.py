@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from config import SettingsError, get_settings
+from config import settings_or_exit
 from services.retention import install_lifecycle_rule, lifecycle_problem
 from services.storage.s3 import make_s3_client
 
@@ -25,11 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.retention", description=__doc__)
     parser.add_argument("command", choices=["install", "verify"])
     args = parser.parse_args(argv)
-    try:
-        settings = get_settings()
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     days = settings.candidate_retention_days
     if settings.storage_backend != "s3" or settings.storage_bucket is None:
         state = f"after {days} days" if days else "never (CANDIDATE_RETENTION_DAYS is unset)"

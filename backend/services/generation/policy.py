@@ -47,6 +47,12 @@ _HOW_TO_ENABLE = {
     "LOCAL_DEVICE=cpu with a LOCAL_MODEL_ID small enough for it",
     "replicate": "set REPLICATE_API_TOKEN",
 }
+
+
+def _not_configured(name: GeneratorName) -> str:
+    return f"{name}: not configured ({_HOW_TO_ENABLE[name]})"
+
+
 # A worker tier that cannot take requests is an outage worth a warning even while another
 # generator serves; a local model that cannot run on this machine is its configuration.
 _WARN_WHEN_SKIPPED: frozenset[GeneratorName] = frozenset({"worker"})
@@ -128,7 +134,7 @@ class GenerationPolicy:
         for name in self._order(None):
             generator = self.generators.get(name)
             if generator is None:
-                problems.append(f"{name}: not configured ({_HOW_TO_ENABLE[name]})")
+                problems.append(_not_configured(name))
                 continue
             state = generator.describe().get("state")
             if state == "loading":
@@ -169,7 +175,7 @@ class GenerationPolicy:
         for name in self._order(requested):
             generator = self.generators.get(name)
             if generator is None:
-                reasons.append(f"{name}: not configured ({_HOW_TO_ENABLE[name]})")
+                reasons.append(_not_configured(name))
                 continue
             reason = generator.known_unavailable_reason()
             if reason is None:
@@ -215,7 +221,7 @@ class GenerationPolicy:
         for index, name in enumerate(order):
             generator = self.generators.get(name)
             if generator is None:
-                reasons.append(f"{name}: not configured ({_HOW_TO_ENABLE[name]})")
+                reasons.append(_not_configured(name))
                 continue
             reason = await generator.unavailable_reason()
             if reason is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import socket
 import sys
@@ -26,6 +28,10 @@ _ORIGIN = re.compile(r"https?://[^\s/?#]+")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MIN_API_KEY_CHARS = 16
 MIN_SIGNING_SECRET_CHARS = 32
+# WEBHOOK_SECRET in the Standard Webhooks format: `whsec_` and the base64 of the HMAC key.
+WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_WEBHOOK_KEY_BYTES = 24
+MAX_WEBHOOK_KEY_BYTES = 64
 # Generations one API replica runs at once when a worker tier makes the pixels: enough
 # concurrent requests for the worker to batch across them.
 WORKER_TIER_GENERATION_WORKERS = 16
@@ -34,6 +40,19 @@ WORKER_TIER_GENERATION_WORKERS = 16
 def _default_instance_name() -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63].lstrip("-_.")
     return name or "instance"
+
+
+def webhook_signing_key(secret: str) -> bytes:
+    """The key a `whsec_<base64>` secret encodes; ValueError saying what is wrong otherwise."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"must start with {WEBHOOK_SECRET_PREFIX} (the Standard Webhooks format)")
+    try:
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"must be {WEBHOOK_SECRET_PREFIX} followed by base64") from None
+    if not MIN_WEBHOOK_KEY_BYTES <= len(key) <= MAX_WEBHOOK_KEY_BYTES:
+        raise ValueError(f"must encode {MIN_WEBHOOK_KEY_BYTES} to {MAX_WEBHOOK_KEY_BYTES} bytes")
+    return key
 
 
 class SettingsError(ValueError):
@@ -166,10 +185,8 @@ class Settings(BaseSettings):
     @field_validator("webhook_secret")
     @classmethod
     def _standard_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        from services.webhooks import signing_key  # the one definition of the format
-
         if value is not None:
-            signing_key(value.get_secret_value())
+            webhook_signing_key(value.get_secret_value())
         return value
 
     @field_validator("url_signing_secret")

@@ -26,21 +26,26 @@ from routers import debug, generations, jobs, mv, system
 from routers.deps import API_KEY_SCHEME, check_path_ids
 from routers.errors import classify_error, install_error_handlers, install_error_schema
 from routers.upload_limits import MAX_JSON_BODY_BYTES, UPLOAD_PATH
-from services.asset_persistence import AssetPersistenceService
+from services.asset_persistence import (
+    SWEEP_INTERVAL_SECONDS,
+    AssetPersistenceService,
+    sweep_forever,
+    url_signer,
+)
 from services.character_references import CharacterReferenceService
 from services.generation.policy import GenerationPolicy, build_generation_policy
 from services.generation.queue import GenerationQueue
 from services.generation.records import GenerationRecordStore
 from services.generation.service import GenerationService
 from services.idempotency import IdempotencyStore
-from services.image_delivery import ImageDelivery
 from services.jobs import JobService
 from services.metrics import Metrics
-from services.retention import SWEEP_INTERVAL_SECONDS, sweep_forever
-from services.storage.atomic import remove_abandoned_temp_files
-from services.storage.local import LocalStorageBackend
-from services.storage_backend import StorageBackend, get_storage_backend
-from services.url_signing import url_signer
+from services.storage import (
+    LocalStorageBackend,
+    StorageBackend,
+    get_storage_backend,
+    remove_abandoned_temp_files,
+)
 from services.webhooks import WebhookSender
 from version import __version__
 
@@ -144,7 +149,6 @@ def create_app(
             public_base_url=settings.public_base_url,
             replay_timeout_seconds=settings.generation_timeout_seconds,
         )
-        app.state.delivery = ImageDelivery(assets)
         retrier = asyncio.create_task(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)
         )

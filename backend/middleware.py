@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability import request_id_var
 from routers.errors.shape import error_body, error_response
+from services.asset_persistence import SignatureCheck, UrlSigner
 from services.metrics import Metrics
-from services.url_signing import SignatureCheck, UrlSigner
 
 logger = logging.getLogger("mv.access")
 REQUEST_ID_HEADER = "X-Request-ID"

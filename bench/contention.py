@@ -34,7 +34,7 @@ from report import Row, print_table  # noqa: E402
 from run import start_moto_server  # noqa: E402
 
 from replicas import OFFLINE_AWS, run_replicas  # noqa: E402
-from services.storage.s3 import make_s3_client  # noqa: E402
+from services.storage import make_s3_client  # noqa: E402
 
 WRITERS = 8
 CONFLICTS_METRIC = "mv_job_manifest_conflicts_total"

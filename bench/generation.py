@@ -35,7 +35,7 @@ from config import load_settings  # noqa: E402
 from main import create_app  # noqa: E402
 from services.generation.base import GenerationRequest  # noqa: E402
 from services.generation.generators.local import DiffusersGenerator  # noqa: E402
-from services.storage.s3 import make_s3_client  # noqa: E402
+from services.storage import make_s3_client  # noqa: E402
 from tools.make_tiny_model import build  # noqa: E402
 
 BODY = {"character_description": "a silver metallic humanoid robot", "num_images": 4, "seed": 1}

@@ -38,8 +38,7 @@ from servers import start_listening  # noqa: E402
 
 from config import load_settings  # noqa: E402
 from services.asset_persistence import AssetPersistenceService  # noqa: E402
-from services.storage.s3 import make_s3_client  # noqa: E402
-from services.storage_backend import get_storage_backend  # noqa: E402
+from services.storage import get_storage_backend, make_s3_client  # noqa: E402
 
 BUCKET = "bench-bucket"
 

@@ -32,7 +32,7 @@ from report import Row, print_table  # noqa: E402
 from run import start_moto_server  # noqa: E402
 from servers import start_listening  # noqa: E402
 
-from services.storage.s3 import make_s3_client  # noqa: E402
+from services.storage import make_s3_client  # noqa: E402
 
 
 def start_server(app: str, app_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:

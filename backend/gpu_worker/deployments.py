@@ -39,6 +39,7 @@ from starlette.types import Receive, Scope, Send
 
 from mv.character_reference import MAX_IMAGES
 from routers.errors.shape import error_response  # the API's one error shape
+from services.asset_persistence import encode_image, identify_image
 from services.generation.base import (
     GenerationCanceledError,
     GenerationError,
@@ -64,7 +65,6 @@ from services.generation.worker_protocol import (
     WorkerGenerateRequest,
     encode_event,
 )
-from services.image_files import encode_image, identify_image
 
 # A replica with a free place answers /ready's question at once; one with none would make it
 # wait behind generations, so after this long the controller is asked instead.

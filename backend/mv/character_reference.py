@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from services.storage.keys import parse_job_id
+from mv.ids import parse_job_id
 
 MAX_DESCRIPTION_CHARS = 2000
 MAX_IMAGES = 4

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.storage.keys import parse_image_id, parse_job_id
+from mv.ids import parse_image_id, parse_job_id
 
 MAX_METADATA_BYTES = 16 * 1024
 MAX_IMAGES_PER_ATTACH = 16

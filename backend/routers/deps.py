@@ -10,17 +10,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
 
 from config import Settings
+from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
 from observability import bind
-from services.asset_persistence import AssetPersistenceService
+from services.asset_persistence import AssetPersistenceService, ImageDelivery
 from services.character_references import CharacterReferenceService
 from services.generation.policy import GenerationPolicy
 from services.generation.queue import GenerationQueue
 from services.generation.service import GenerationService
-from services.image_delivery import ImageDelivery
 from services.jobs import JobService
 from services.metrics import Metrics
-from services.storage.errors import InvalidKeyError
-from services.storage.keys import parse_image_id, parse_job_id, validate_key
+from services.storage import (
+    validate_key,
+)
 
 # Documents the X-API-Key header in the OpenAPI schema; ApiKeyMiddleware enforces it.
 API_KEY_SCHEME = APIKeyHeader(name="X-API-Key", auto_error=False)
@@ -79,8 +80,8 @@ async def get_generation_policy(request: Request) -> GenerationPolicy:
 
 
 async def get_image_delivery(request: Request) -> ImageDelivery:
-    """The app's ImageDelivery."""
-    return request.app.state.delivery
+    """The ImageDelivery of the app's AssetPersistenceService."""
+    return request.app.state.assets.delivery
 
 
 async def get_generation_queue(request: Request) -> GenerationQueue:

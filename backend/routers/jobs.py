@@ -9,15 +9,17 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel
 
+from mv.ids import JOB_ID_PATTERN
 from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
 from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep
 from routers.errors import shown
 from routers.mv import THUMBNAIL_RESPONSES, Size, cloud_location
 from routers.serving import REVALIDATE_CACHE, stored_file_response
-from services.image_delivery import CloudImage
+from services.asset_persistence import CloudImage
 from services.jobs import JobService
-from services.storage.errors import ObjectNotFoundError
-from services.storage.keys import JOB_ID_PATTERN
+from services.storage import (
+    ObjectNotFoundError,
+)
 
 router = APIRouter(prefix="/api/mv/jobs", tags=["jobs"])
 
@@ -58,10 +60,10 @@ async def get_job(job_id: JobId, jobs: JobsDep) -> Job:
     response_class=Response,
     responses={**_NOT_FOUND, 503: {"description": "storage unreachable; try again"}},
 )
-async def delete_job(job_id: JobId, jobs: JobsDep, delivery: ImageDeliveryDep) -> Response:
+async def delete_job(job_id: JobId, jobs: JobsDep) -> Response:
     """Delete the job: every file it stored (its character reference copies too), its
     manifest and its record. Safe to repeat: a second delete is a 404."""
-    delivery.forget(await jobs.delete(job_id))
+    await jobs.delete(job_id)
     return Response(status_code=204)
 
 

@@ -27,9 +27,11 @@ from routers.deps import (
 from routers.errors import FieldError
 from routers.serving import stored_file_response
 from routers.upload_limits import MAX_UPLOAD_BYTES, MULTIPART_OVERHEAD, capped_request, too_large
-from services.asset_persistence import CharacterReferenceNotFoundError
-from services.asset_records import CharacterReferenceRecord
-from services.image_delivery import CloudImage
+from services.asset_persistence import (
+    CharacterReferenceNotFoundError,
+    CharacterReferenceRecord,
+    CloudImage,
+)
 
 router = APIRouter(prefix="/api/mv", tags=["character references"])
 
@@ -147,16 +149,13 @@ async def get_character_reference_thumbnail(
     response_class=Response,
     responses={404: {"description": "no image with this id"}, **_UNREACHABLE},
 )
-async def delete_character_reference(
-    image_id: ImageId, assets: AssetsDep, delivery: ImageDeliveryDep
-) -> Response:
+async def delete_character_reference(image_id: ImageId, assets: AssetsDep) -> Response:
     """Delete a standalone image, its metadata and its thumbnails from every storage tier.
 
     Copies attached to jobs stay (jobs own their files). Safe to repeat: a second delete is a
     404, and a delete that failed half-way is finished by the next one.
     """
-    removed = await assets.delete_character_reference(str(image_id))
-    delivery.forget(removed)
+    await assets.delete_character_reference(str(image_id))
     return Response(status_code=204)
 
 

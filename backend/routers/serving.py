@@ -12,8 +12,8 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from services.image_delivery import CloudImage, LocalImageFile
-from services.storage.errors import ObjectNotFoundError
+from services.asset_persistence import CloudImage, LocalImageFile
+from services.storage import ObjectNotFoundError
 
 IMMUTABLE_CACHE = "public, max-age=31536000, immutable"
 REVALIDATE_CACHE = "no-cache"  # job assets may be replaced by a later persist

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from routers.deps import AssetsDep, GenerationPolicyDep, MetricsDep
-from services.storage.base import ChecksHealth
+from services.storage import ChecksHealth
 from version import __version__
 
 router = APIRouter(tags=["system"])

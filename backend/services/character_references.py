@@ -22,8 +22,17 @@ from mv.character_reference import (
     UploadedCharacterReference,
     build_prompt,
 )
-from services.asset_persistence import AssetPersistenceService, StoredCharacterReference
-from services.asset_records import GenerationDetails, ManifestEntry, utc_now
+from services.asset_persistence import (
+    AssetPersistenceService,
+    GenerationDetails,
+    ManifestEntry,
+    StoredCharacterReference,
+    UnsupportedImageError,
+    encode_image,
+    identify_image,
+    utc_now,
+    verify_image,
+)
 from services.generation.base import (
     GeneratedImage,
     GenerationProgress,
@@ -31,7 +40,6 @@ from services.generation.base import (
     ProviderError,
 )
 from services.generation.policy import GenerationPolicy
-from services.image_files import UnsupportedImageError, encode_image, identify_image, verify_image
 
 _PILLOW_NAMES = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 

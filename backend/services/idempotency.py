@@ -19,9 +19,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.asset_records import utc_now
-from services.storage.base import StorageBackend
-from services.storage.errors import ObjectNotFoundError, PreconditionFailedError
+from services.asset_persistence import utc_now
+from services.storage import (
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    StorageBackend,
+)
 
 IDEMPOTENCY_PREFIX = "idempotency"
 KEY_LIFETIME = timedelta(days=1)

@@ -5,22 +5,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from mv.ids import parse_image_id, parse_job_id
 from mv.jobs import CreateJobRequest, Job, JobAsset, JobRecord, new_job_id
 from services.asset_persistence import (
     CHARACTER_REFERENCES_CATEGORY,
     AssetPersistenceService,
+    JobManifest,
     JobNotFoundError,
+    utc_now,
 )
-from services.asset_records import JobManifest, utc_now
 from services.idempotency import IdempotencyStore
-from services.storage.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
-from services.storage.keys import (
+from services.storage import (
     IMAGE_CONTENT_TYPES,
     JOB_CHARACTER_REFERENCE_DIR,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    StorageError,
     job_asset_key,
     job_manifest_key,
-    parse_image_id,
-    parse_job_id,
 )
 
 JOB_RECORDS_PREFIX = "job_records"
@@ -103,7 +105,7 @@ class JobService:
         manifest_url = None
         if manifest is not None:
             manifest_url = await asyncio.to_thread(
-                self.assets.url_for_key, job_manifest_key(job_id)
+                self.assets.urls.for_key, job_manifest_key(job_id)
             )
         return Job(
             job_id=job_id,
@@ -130,11 +132,11 @@ class JobService:
             if entry.category == CHARACTER_REFERENCES_CATEGORY:
                 image_id = _image_id_of(entry.path)
             if image_id is not None:
-                thumbnail_url = self.assets.thumbnail_url(key)
+                thumbnail_url = self.assets.urls.thumbnail(key)
             assets.append(
                 JobAsset(
                     **entry.model_dump(),
-                    url=self.assets.url_for_key(key),
+                    url=self.assets.urls.for_key(key),
                     image_id=image_id,
                     thumbnail_url=thumbnail_url,
                 )

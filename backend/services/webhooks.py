@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -28,31 +27,16 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from config import webhook_signing_key
+from echo import shown
 from services.backoff import backoff_delay, parse_retry_after
-from services.echo import shown
 from version import __version__
 
 logger = logging.getLogger(__name__)
 
-SECRET_PREFIX = "whsec_"
-MIN_SECRET_BYTES = 24
-MAX_SECRET_BYTES = 64
 SIGNATURE_VERSION = "v1"
 DEFAULT_TOLERANCE_SECONDS = 300
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-def signing_key(secret: str) -> bytes:
-    """The key a `whsec_<base64>` secret encodes; ValueError saying what is wrong otherwise."""
-    if not secret.startswith(SECRET_PREFIX):
-        raise ValueError(f"must start with {SECRET_PREFIX} (the Standard Webhooks format)")
-    try:
-        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"must be {SECRET_PREFIX} followed by base64") from None
-    if not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
-        raise ValueError(f"must encode {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes")
-    return key
 
 
 def signature(key: bytes, delivery_id: str, timestamp: int, body: bytes) -> str:
@@ -78,7 +62,7 @@ def verify_webhook(
         return False
     if abs((now if now is not None else time.time()) - int(timestamp)) > tolerance_seconds:
         return False
-    expected = signature(signing_key(secret), delivery_id, int(timestamp), body).encode()
+    expected = signature(webhook_signing_key(secret), delivery_id, int(timestamp), body).encode()
     # The header may list several space-separated signatures (a secret being rotated).
     offered = lowered.get("webhook-signature", "").split()
     return any(hmac.compare_digest(expected, candidate.encode()) for candidate in offered)
@@ -148,7 +132,7 @@ class WebhookSender:
         transport: httpx.AsyncBaseTransport | None = None,
         on_outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
-        self._key = signing_key(secret)
+        self._key = webhook_signing_key(secret)
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap

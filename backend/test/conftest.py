@@ -39,8 +39,8 @@ from services.generation.base import (
 )
 from services.generation.diffusion import load_pipeline
 from services.generation.policy import GenerationPolicy, build_generation_policy
+from services.storage import StorageBackend, get_storage_backend
 from services.storage.s3 import make_s3_client
-from services.storage_backend import StorageBackend, get_storage_backend
 
 ENV_TEST = REPO_ROOT / ".env.test"
 

@@ -27,8 +27,8 @@ from config import (
 )
 from conftest import ENV_TEST, StorageHarness, image_bytes, new_bucket_name
 from main import create_app
+from services.storage import WriteThroughStorageBackend
 from services.storage.s3 import make_s3_client
-from services.storage_backend import WriteThroughStorageBackend
 from version import __version__
 
 

@@ -14,11 +14,12 @@ import pytest
 from conftest import StorageHarness, image_bytes
 from services.asset_persistence import (
     CharacterReferenceNotFoundError,
+    GenerationDetails,
+    JobManifest,
     JobNotFoundError,
     UnsupportedImageError,
 )
-from services.asset_records import GenerationDetails, JobManifest
-from services.storage_backend import IntegrityError
+from services.storage import IntegrityError
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

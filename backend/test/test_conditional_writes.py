@@ -24,8 +24,13 @@ from conftest import StorageHarness, image_bytes, new_bucket_name
 from main import create_app
 from mv.character_reference import GenerateCharacterReferenceRequest
 from replicas import BACKEND_DIR, process_environment
-from services.asset_persistence import AssetPersistenceService, merge_manifest
-from services.asset_records import JobManifest, ManifestEntry, utc_now
+from services.asset_persistence import (
+    AssetPersistenceService,
+    JobManifest,
+    ManifestEntry,
+    merge_manifest,
+    utc_now,
+)
 from services.generation.records import GenerationRecord, GenerationRecordStore
 from services.idempotency import (
     ABANDONED_AFTER,
@@ -34,11 +39,11 @@ from services.idempotency import (
     IdempotencyStore,
     record_key,
 )
+from services.storage import StorageBackend, get_storage_backend
 from services.storage.conditional import RetryPolicy, update_object
 from services.storage.errors import ConcurrentUpdateError, PreconditionFailedError
 from services.storage.local import LocalStorageBackend
 from services.storage.s3 import make_s3_client
-from services.storage_backend import StorageBackend, get_storage_backend
 
 JSON = "application/json"
 

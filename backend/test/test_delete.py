@@ -17,7 +17,7 @@ from conftest import ApiHarness, StorageHarness, assert_error_shape, photo_like_
 from live_server import serve
 from main import create_app
 from routers.serving import file_response
-from services.image_delivery import LocalImageFile
+from services.asset_persistence import LocalImageFile
 from services.storage.keys import character_reference_key
 
 ORIGINAL = photo_like_png(512, 384)

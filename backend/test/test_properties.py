@@ -11,17 +11,15 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
 from services.backoff import backoff_delay, parse_retry_after
 from services.idempotency import IdempotencyKeyError, check_key, record_key
-from services.storage.errors import InvalidKeyError
 from services.storage.keys import (
     CHARACTER_REFERENCES_PREFIX,
     character_reference_key,
     job_asset_key,
     job_character_reference_key,
     job_manifest_key,
-    parse_image_id,
-    parse_job_id,
     validate_key,
 )
 from services.storage.local import LocalStorageBackend

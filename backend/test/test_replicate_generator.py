@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from fake_replicate import DELIVERY, FakeReplicate, png_bytes
+from services.asset_persistence import identify_image
 from services.generation.base import GenerationRequest, ProviderError
 from services.generation.generators.replicate import (
     ReplicateGenerator,
@@ -15,7 +16,6 @@ from services.generation.generators.replicate import (
     parse_retry_after,
     replicate_inputs,
 )
-from services.image_files import identify_image
 
 MODEL = "black-forest-labs/flux-schnell"
 

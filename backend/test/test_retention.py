@@ -13,7 +13,7 @@ import pytest
 
 from config import get_settings
 from conftest import ApiHarness, StorageHarness, new_bucket_name, photo_like_png, wait_until
-from services.retention import (
+from services.asset_persistence import (
     CANDIDATES_PREFIX,
     LIFECYCLE_RULE_ID,
     install_lifecycle_rule,

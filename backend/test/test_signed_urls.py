@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import TEST_SIGNING_SECRET, ApiHarness, assert_error_shape, image_bytes
-from services.url_signing import SignatureCheck, UrlSigner
+from services.asset_persistence import SignatureCheck, UrlSigner
 
 KEY = "signed-url-key-0123456789abcdef"
 PATH = "/api/mv/get_character_reference/0b0c2a52-3c1b-4c55-9d44-0d2c6f7a9e11"

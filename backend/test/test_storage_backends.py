@@ -23,10 +23,7 @@ from moto.server import ThreadedMotoServer
 from config import Settings
 from conftest import StorageHarness, image_bytes, new_bucket_name
 from services.asset_persistence import AssetPersistenceService
-from services.storage.atomic import atomic_writer
-from services.storage.presign import S3Presigner
-from services.storage.s3 import make_s3_client
-from services.storage_backend import (
+from services.storage import (
     IntegrityError,
     ObjectNotFoundError,
     S3StorageBackend,
@@ -36,6 +33,9 @@ from services.storage_backend import (
     WriteThroughStorageBackend,
     get_storage_backend,
 )
+from services.storage.atomic import atomic_writer
+from services.storage.presign import S3Presigner
+from services.storage.s3 import make_s3_client
 
 # ------------------------------------------------------------------ contract, every mode
 

@@ -14,13 +14,12 @@ import httpx
 import pytest
 from PIL import Image
 
-import services.thumbnails as thumbnails_module
+import services.asset_persistence.thumbnails as thumbnails_module
 from conftest import ApiHarness, assert_error_shape, photo_like_png
 from routers.mv import ThumbnailSize
-from services.image_files import UnsupportedImageError
+from services.asset_persistence import ThumbnailStore, UnsupportedImageError, render_thumbnail
 from services.storage.keys import THUMBNAIL_SIZES, character_reference_key, thumbnail_key
 from services.storage.local import LocalStorageBackend
-from services.thumbnails import ThumbnailStore, render_thumbnail
 
 
 def png_claiming(width: int, height: int) -> bytes:

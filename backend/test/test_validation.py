@@ -10,16 +10,14 @@ from typing import Any
 import pytest
 
 from config import Settings
-from services.asset_persistence import AssetPersistenceService
-from services.asset_records import ManifestEntry
-from services.storage.keys import (
+from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
+from services.asset_persistence import AssetPersistenceService, ManifestEntry
+from services.storage import (
+    LocalStorageBackend,
     character_reference_key,
     job_asset_key,
-    parse_image_id,
-    parse_job_id,
     validate_key,
 )
-from services.storage_backend import InvalidKeyError, LocalStorageBackend
 
 BAD_IMAGE_IDS = [
     "",

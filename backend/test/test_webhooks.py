@@ -8,6 +8,7 @@ import base64
 import httpx
 import pytest
 
+from config import webhook_signing_key
 from services.backoff import backoff_delay
 from services.webhooks import (
     DeliveryOutcome,
@@ -16,7 +17,6 @@ from services.webhooks import (
     WebhookUnresolvableError,
     check_destination,
     signature,
-    signing_key,
     verify_webhook,
 )
 
@@ -73,7 +73,7 @@ def test_signatures_bind_id_timestamp_and_body() -> None:
     headers = {
         "Webhook-Id": "d-4",
         "Webhook-Timestamp": "1700000000",
-        "Webhook-Signature": signature(signing_key(SECRET), "d-4", 1700000000, body),
+        "Webhook-Signature": signature(webhook_signing_key(SECRET), "d-4", 1700000000, body),
     }
     assert headers["Webhook-Signature"].startswith("v1,")
     assert verify_webhook(SECRET, headers, body, now=1700000100)
@@ -98,7 +98,7 @@ def test_signatures_bind_id_timestamp_and_body() -> None:
 )
 def test_secrets_must_be_standard_webhooks_secrets(secret: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
-        signing_key(secret)
+        webhook_signing_key(secret)
 
 
 async def test_a_host_that_does_not_resolve_is_retried_then_fails() -> None:

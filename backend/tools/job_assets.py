@@ -18,7 +18,7 @@ from pathlib import Path
 
 from config import SettingsError, get_settings
 from services.asset_persistence import AssetPersistenceService
-from services.storage.errors import StorageError
+from services.storage import StorageError
 
 
 async def _run(command: str, job_id: str, directory: Path) -> object:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from botocore.exceptions import BotoCoreError, ClientError
 
 from config import settings_or_exit
-from services.retention import install_lifecycle_rule, lifecycle_problem
-from services.storage.s3 import make_s3_client
+from services.asset_persistence import install_lifecycle_rule, lifecycle_problem
+from services.storage import make_s3_client
 
 
 def main(argv: Sequence[str] | None = None) -> int:

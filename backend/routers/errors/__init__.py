@@ -3,10 +3,10 @@
 `shape` defines it, `handlers` maps exceptions to it, `openapi` declares it in the schema.
 """
 
+from echo import shown
 from routers.errors.handlers import FieldError, classify_error, install_error_handlers
 from routers.errors.openapi import install_error_schema
 from routers.errors.shape import error_body, error_response
-from services.echo import shown
 
 __all__ = [
     "FieldError",

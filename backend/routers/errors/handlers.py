@@ -11,14 +11,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from echo import MAX_ECHOED_CHARS
 from mv.generation_jobs import GenerationFailure
+from mv.ids import InvalidKeyError
 from routers.errors.shape import (
     FieldProblem,
     error_body,
     error_response,
     validation_response,
 )
-from services.echo import MAX_ECHOED_CHARS
+from services.asset_persistence import UnsupportedImageError
 from services.generation.base import (
     GenerationBusyError,
     GenerationCanceledError,
@@ -33,11 +35,9 @@ from services.generation.generators.worker import WorkerBusyError
 from services.generation.records import GenerationNotFoundError, StoredGenerationFailedError
 from services.generation.service import GenerationFinishedError, WebhooksDisabledError
 from services.idempotency import IdempotencyKeyError, IdempotencyKeyInUseError
-from services.image_files import UnsupportedImageError
 from services.jobs import JobExistsError
-from services.storage.errors import (
+from services.storage import (
     ConcurrentUpdateError,
-    InvalidKeyError,
     ObjectNotFoundError,
     PreconditionFailedError,
     StorageError,

@@ -31,7 +31,7 @@ from mv.generation_jobs import (
     WebhookDelivery,
 )
 from observability import bind, request_id_var
-from services.asset_records import utc_now
+from services.asset_persistence import utc_now
 from services.generation.base import (
     GenerationBusyError,
     GenerationCanceledError,
@@ -45,7 +45,9 @@ from services.generation.records import (
     new_generation_id,
 )
 from services.metrics import Metrics
-from services.storage.errors import PreconditionFailedError
+from services.storage import (
+    PreconditionFailedError,
+)
 from services.webhooks import DeliveryOutcome, WebhookSender
 
 logger = logging.getLogger(__name__)

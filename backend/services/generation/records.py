@@ -23,11 +23,14 @@ from mv.generation_jobs import (
     GenerationState,
     WebhookDelivery,
 )
-from services.asset_records import utc_now
+from services.asset_persistence import utc_now
 from services.generation.base import GenerationError
-from services.storage.base import StorageBackend
-from services.storage.conditional import read_latest, update_object
-from services.storage.errors import ObjectNotFoundError
+from services.storage import (
+    ObjectNotFoundError,
+    StorageBackend,
+    read_latest,
+    update_object,
+)
 
 GENERATIONS_PREFIX = "generations"
 FINISHED_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})

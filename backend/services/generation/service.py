@@ -11,8 +11,7 @@ from mv.character_reference import (
     GenerateCharacterReferenceResponse,
 )
 from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
-from services.asset_persistence import AssetPersistenceService, JobNotFoundError
-from services.asset_urls import API_PREFIX
+from services.asset_persistence import API_PREFIX, AssetPersistenceService, JobNotFoundError
 from services.generation.base import (
     GenerationCanceledError,
     GenerationError,
@@ -165,8 +164,8 @@ class GenerationService:
         self, image: CharacterReferenceImage, include_base64: bool
     ) -> CharacterReferenceImage:
         def read() -> tuple[str, str | None, str | None]:
-            url = self.assets.url_for_key(image.path)
-            cloud_url = url if self.assets.is_presigned(image.path) else None
+            url = self.assets.urls.for_key(image.path)
+            cloud_url = url if self.assets.urls.is_presigned(image.path) else None
             data = self.assets.storage.get_bytes(image.path) if include_base64 else None
             encoded = base64.b64encode(data).decode("ascii") if data is not None else None
             return url, cloud_url, encoded

@@ -1,16 +1,16 @@
-"""The storage error hierarchy; provider errors are translated into it at the backend boundary."""
+"""The storage error hierarchy; provider errors are translated into it at the backend boundary.
+
+A malformed key is not a storage failure: it is refused before any I/O with
+`mv.ids.InvalidKeyError` (a ValueError), the error of every id and key check.
+"""
 
 from __future__ import annotations
 
-from services.echo import shown
+from echo import shown
 
 
 class StorageError(Exception):
     """A storage operation failed; the message says which operation and key."""
-
-
-class InvalidKeyError(StorageError, ValueError):
-    """A key or identifier is malformed or would escape its prefix; raised before any I/O."""
 
 
 class ObjectNotFoundError(StorageError, FileNotFoundError):

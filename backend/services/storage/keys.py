@@ -1,12 +1,15 @@
-"""Keys and identifiers: the one layout every storage tier shares, checked before any I/O."""
+"""Keys: the one layout every storage tier shares, checked before any I/O.
+
+Keys are built from ids (`mv.ids`: image ids are UUIDs, job ids match a pattern) and paths
+inside a job directory; a malformed one raises `mv.ids.InvalidKeyError`.
+"""
 
 from __future__ import annotations
 
 import re
-import uuid
 
-from services.echo import shown
-from services.storage.errors import InvalidKeyError
+from echo import shown
+from mv.ids import InvalidKeyError, is_job_id, parse_image_id, parse_job_id
 
 CHARACTER_REFERENCES_PREFIX = "character_references"
 JOBS_PREFIX = "jobs"
@@ -15,30 +18,9 @@ MANIFEST_NAME = "manifest.json"
 MAX_KEY_BYTES = 1024
 
 _CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 # Extension of stored images -> content type. "jpeg" is stored as "jpg" so one image has one key.
 IMAGE_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _EXTENSION_ALIASES = {"jpeg": "jpg"}
-
-
-def parse_image_id(value: object) -> str:
-    """Return the canonical form of a UUID image id, or raise InvalidKeyError."""
-    if not isinstance(value, str) or not value:
-        raise InvalidKeyError(f"image id must be a UUID, got {shown(value)}")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise InvalidKeyError(f"image id must be a UUID, got {shown(value)}") from None
-
-
-def parse_job_id(value: object) -> str:
-    """Return the job id if it matches ^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$, else raise."""
-    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
-        raise InvalidKeyError(
-            f"job id must match [A-Za-z0-9][A-Za-z0-9_-]{{0,127}}, got {shown(value)}"
-        )
-    return value
 
 
 def normalize_image_extension(extension: str) -> str:
@@ -123,6 +105,6 @@ def parse_job_manifest_key(key: str) -> str | None:
     """The job id when `key` is a job's manifest key, else None."""
     head, _, rest = key.partition("/")
     job_id, _, name = rest.partition("/")
-    if head != JOBS_PREFIX or name != MANIFEST_NAME or not _JOB_ID.fullmatch(job_id):
+    if head != JOBS_PREFIX or name != MANIFEST_NAME or not is_job_id(job_id):
         return None
     return job_id

@@ -11,12 +11,12 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.echo import shown
+from echo import shown
+from mv.ids import InvalidKeyError
 from services.storage.atomic import CHUNK_SIZE, atomic_writer, is_temp_file, sha256_file
 from services.storage.base import ObjectInfo, StoredObject, VersionedObject
 from services.storage.errors import (
     IntegrityError,
-    InvalidKeyError,
     ObjectNotFoundError,
     PreconditionFailedError,
     StorageError,

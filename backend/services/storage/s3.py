@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,7 +23,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from services.echo import shown
+from echo import shown
 from services.storage.atomic import CHUNK_SIZE, atomic_writer, sha256_file
 from services.storage.base import ObjectInfo, PresignedUrl, StoredObject, VersionedObject
 from services.storage.errors import (
@@ -64,6 +65,37 @@ def make_s3_client(
     return boto3.session.Session().client(
         "s3", region_name=region, endpoint_url=endpoint_url, config=config
     )
+
+
+StorageObserver = Callable[[str, str, float, bool], None]  # backend, operation, seconds, ok
+
+
+def observe_s3_calls(client: Any, observe: StorageObserver) -> None:
+    """Report every S3 API call's latency and outcome to `observe` (botocore event hooks).
+
+    A 404 is an answer (a HEAD finding nothing), not an error.
+    """
+
+    def before(context: dict[str, Any], **_: Any) -> None:
+        context["mv_started"] = time.perf_counter()
+
+    def report(event_name: str, context: dict[str, Any], ok: bool) -> None:
+        operation = event_name.rpartition(".")[2]  # after-call.s3.PutObject -> PutObject
+        started = context.get("mv_started")
+        if started is not None:
+            observe("s3", operation, time.perf_counter() - started, ok)
+
+    def after(event_name: str, context: dict[str, Any], http_response: Any, **_: Any) -> None:
+        status = getattr(http_response, "status_code", 200)
+        report(event_name, context, status < 400 or status == 404)
+
+    def failed(event_name: str, context: dict[str, Any], **_: Any) -> None:
+        report(event_name, context, False)
+
+    events = client.meta.events
+    events.register("before-call.s3", before)
+    events.register("after-call.s3", after)
+    events.register("after-call-error.s3", failed)
 
 
 @contextlib.contextmanager

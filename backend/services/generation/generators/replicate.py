@@ -13,6 +13,7 @@ import replicate
 from replicate.exceptions import ModelError, ReplicateError
 
 from mv.character_reference import image_size
+from services.asset_persistence import UnsupportedImageError, verify_image
 from services.backoff import backoff_delay, parse_retry_after
 from services.generation.base import (
     GeneratedImage,
@@ -21,7 +22,6 @@ from services.generation.base import (
     GenerationResult,
     ProviderError,
 )
-from services.image_files import UnsupportedImageError, verify_image
 
 logger = logging.getLogger(__name__)
 

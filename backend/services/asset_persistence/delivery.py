@@ -7,12 +7,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.asset_persistence import AssetPersistenceService, CharacterReferenceNotFoundError
-from services.storage.base import HasLocalCopies, PresignedUrl, SignsExistingKeys
-from services.storage.errors import ObjectNotFoundError
-from services.storage.keys import parse_image_id
-from services.storage.local import content_type_for
-from services.thumbnails import ThumbnailStore
+from mv.ids import parse_image_id
+from services.asset_persistence.references import (
+    CharacterReferenceNotFoundError,
+    CharacterReferences,
+)
+from services.asset_persistence.thumbnails import ThumbnailStore
+from services.storage import (
+    HasLocalCopies,
+    ObjectNotFoundError,
+    PresignedUrl,
+    SignsExistingKeys,
+    StorageBackend,
+    content_type_for,
+)
 
 # A presigned URL is handed out again while at least this share of its validity is left, so
 # every client still gets at least 90 % of PRESIGNED_URL_EXPIRY.
@@ -47,15 +55,23 @@ class CloudImage:
 class ImageDelivery:
     """Chooses cloud or local serving per request, falling back to the local copy."""
 
-    def __init__(self, assets: AssetPersistenceService) -> None:
-        self.assets = assets
-        storage = assets.storage
+    def __init__(
+        self,
+        storage: StorageBackend,
+        references: CharacterReferences,
+        thumbnails: ThumbnailStore,
+        *,
+        serve_from_cloud: bool,
+        presigned_url_expiry: int,
+    ) -> None:
+        self.references = references
+        self.thumbnails = thumbnails
         self._files = storage if isinstance(storage, HasLocalCopies) else None
         self._signer = storage if isinstance(storage, SignsExistingKeys) else None
-        self.serves_from_cloud = assets.settings.serve_from_cloud and self._signer is not None
+        self.serves_from_cloud = serve_from_cloud and self._signer is not None
+        self._expiry = presigned_url_expiry
         self._recent_urls: dict[str, PresignedUrl] = {}
         self._recent_cloud_images: dict[str, CloudImage] = {}
-        self.thumbnails = ThumbnailStore(storage)
 
     def _presigned(self, key: str) -> PresignedUrl | None:
         """A presigned URL of `key`, the same one again while most of its validity is left:
@@ -65,7 +81,7 @@ class ImageDelivery:
         recent = self._recent_urls.get(key)
         if recent is not None and _mostly_valid(recent):
             return recent
-        signed = self._signer.presign_existing(key, self.assets.settings.presigned_url_expiry)
+        signed = self._signer.presign_existing(key, self._expiry)
         if signed is not None:
             if len(self._recent_urls) >= MAX_REMEMBERED_URLS:
                 self._recent_urls.clear()
@@ -90,13 +106,13 @@ class ImageDelivery:
         return located
 
     def _locate(self, image_id: str) -> CloudImage | LocalImageFile:
-        key, sha256 = self.assets.lookup_character_reference(image_id)
+        key, sha256 = self.references.find(image_id)
         return self._locate_key(key, sha256, CharacterReferenceNotFoundError(image_id))
 
     async def find(self, image_id: str) -> tuple[str, str | None]:
         """Key and sha256 of a standalone image; CharacterReferenceNotFoundError if absent."""
         image_id = parse_image_id(image_id)
-        return await asyncio.to_thread(self.assets.lookup_character_reference, image_id)
+        return await asyncio.to_thread(self.references.find, image_id)
 
     async def locate_thumbnail(
         self, image_key: str, image_sha256: str | None, size: int, not_found: ObjectNotFoundError

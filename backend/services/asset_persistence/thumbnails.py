@@ -15,10 +15,8 @@ import warnings
 
 from PIL import Image
 
-from services.image_files import identify_image
-from services.storage.base import StorageBackend
-from services.storage.keys import thumbnail_key
-from services.storage.write_through import KnownKeys
+from services.asset_persistence.images import identify_image
+from services.storage import KnownKeys, StorageBackend, thumbnail_key
 
 WEBP_QUALITY = 80
 THUMBNAIL_CONTENT_TYPE = "image/webp"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from services.storage.base import StorageBackend
-from services.storage.keys import (
+from services.storage import (
     IMAGE_CONTENT_TYPES,
     THUMBNAIL_SIZES,
+    StorageBackend,
     character_reference_key,
     character_reference_sidecar_key,
     job_manifest_key,

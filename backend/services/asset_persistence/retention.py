@@ -17,9 +17,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from services import asset_deletion
-from services.storage.keys import CHARACTER_REFERENCES_PREFIX
-from services.storage.local import LocalStorageBackend
+from services.asset_persistence.deletion import delete_character_reference
+from services.storage import CHARACTER_REFERENCES_PREFIX, LocalStorageBackend
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ async def sweep_expired_candidates(
     now = time.time() if now is None else now
     expired = await asyncio.to_thread(expired_candidates, storage, days, now)
     for image_id in expired:
-        await asset_deletion.delete_character_reference(storage, image_id)
+        await delete_character_reference(storage, image_id)
     if expired:
         logger.info("deleted %d candidate(s) older than %d days", len(expired), days)
     return expired

@@ -1,4 +1,4 @@
-"""Stored records: the character reference sidecar and the job manifest."""
+"""Stored records: the character reference sidecar and the job manifest, as pydantic models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.storage.keys import validate_key
+from services.storage import validate_key
+
+# The manifest category of a job's character references (other files: their top-level folder).
+CHARACTER_REFERENCES_CATEGORY = "character_references"
 
 
 def utc_now() -> datetime:

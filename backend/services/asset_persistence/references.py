@@ -1,0 +1,190 @@
+"""Standalone character references: an image and its metadata sidecar, stored, found, read.
+
+An image is stored under `character_references/{image_id}.{ext}` with its sidecar beside it;
+where one was found is remembered, since a stored reference never changes (a delete forgets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.asset_persistence.images import ImageKind, UnsupportedImageError, identify_image
+from services.asset_persistence.records import (
+    CHARACTER_REFERENCES_CATEGORY,
+    CharacterReferenceRecord,
+    GenerationDetails,
+    ManifestEntry,
+)
+from services.asset_persistence.urls import AssetUrls
+from services.storage import (
+    IMAGE_CONTENT_TYPES,
+    JOB_CHARACTER_REFERENCE_DIR,
+    ObjectNotFoundError,
+    StorageBackend,
+    character_reference_key,
+    character_reference_sidecar_key,
+    job_character_reference_key,
+    normalize_image_extension,
+)
+
+# Where images were found, per replica; a stored reference never changes, so this only grows
+# stale through deletes, which clear it.
+MAX_REMEMBERED_LOCATIONS = 65_536
+
+
+class CharacterReferenceNotFoundError(ObjectNotFoundError):
+    """No stored character reference has this id."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__(image_id, f"character reference {image_id} not found")
+        self.image_id = image_id
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """Image bytes ready to store: their format, dimensions and sha256."""
+
+    data: bytes
+    kind: ImageKind
+    sha256: str
+
+
+def prepare_bytes(data: bytes, kind: ImageKind | None = None) -> PreparedImage:
+    """`data` identified (UnsupportedImageError unless PNG, JPEG or WebP) and hashed."""
+    kind = kind or identify_image(data)
+    return PreparedImage(data, kind, hashlib.sha256(data).hexdigest())
+
+
+def prepare_file(source: Path) -> PreparedImage:
+    """The image file at `source`, whose name may not claim another format than its bytes.
+
+    FileNotFoundError if it is missing; UnsupportedImageError if it is not an image.
+    """
+    if not source.is_file():
+        raise FileNotFoundError(f"character reference image not found: {source}")
+    data = source.read_bytes()
+    kind = identify_image(data)
+    suffix = source.suffix.lower().lstrip(".")
+    if suffix in {*IMAGE_CONTENT_TYPES, "jpeg"} and normalize_image_extension(suffix) != (
+        kind.extension
+    ):
+        raise UnsupportedImageError(
+            f"{source.name}: the name says {suffix} but the content is {kind.extension}"
+        )
+    return prepare_bytes(data, kind)
+
+
+def job_entry(image_id: str, image: PreparedImage) -> ManifestEntry:
+    """The manifest entry of an image's copy under a job."""
+    return ManifestEntry(
+        path=f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{image.kind.extension}",
+        category=CHARACTER_REFERENCES_CATEGORY,
+        size=len(image.data),
+        sha256=image.sha256,
+        content_type=image.kind.content_type,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCharacterReference:
+    """Where a character reference was stored, and what it is."""
+
+    id: str
+    key: str
+    url: str
+    cloud_url: str | None
+    thumbnail_url: str
+    kind: ImageKind
+    sha256: str
+    size: int
+    job_entry: ManifestEntry | None = None  # its copy under a job, for the job's manifest
+
+
+class CharacterReferences:
+    """Stores standalone images with their sidecars, and finds them again."""
+
+    def __init__(self, storage: StorageBackend, urls: AssetUrls) -> None:
+        self.storage = storage
+        self.urls = urls
+        # A miss is not remembered, so an image stored later (by another replica) is found.
+        self.find = functools.lru_cache(maxsize=MAX_REMEMBERED_LOCATIONS)(self._find)
+
+    async def store(
+        self,
+        image_id: str,
+        image: PreparedImage,
+        job_id: str | None,
+        details: GenerationDetails | None,
+    ) -> StoredCharacterReference:
+        """Store the image and its sidecar (and a copy under `job_id`, if given)."""
+        key = character_reference_key(image_id, image.kind.extension)
+        record = CharacterReferenceRecord(
+            id=image_id,
+            width=image.kind.width,
+            height=image.kind.height,
+            content_type=image.kind.content_type,
+            sha256=image.sha256,
+            size=len(image.data),
+            **(details or GenerationDetails()).model_dump(),
+        )
+        writes = [
+            (key, image.data, image.kind.content_type),
+            (
+                character_reference_sidecar_key(image_id),
+                record.model_dump_json(indent=2).encode(),
+                "application/json",
+            ),
+        ]
+        if job_id is not None:
+            job_key = job_character_reference_key(job_id, image_id, image.kind.extension)
+            writes.append((job_key, image.data, image.kind.content_type))
+        # Independent writes: send them together.
+        await asyncio.gather(
+            *(asyncio.to_thread(self.storage.put_bytes, *write) for write in writes)
+        )
+        url = await self.urls.for_stored_key(key)
+        return StoredCharacterReference(
+            id=image_id,
+            key=key,
+            url=url,
+            cloud_url=url if self.urls.is_presigned(key) else None,
+            thumbnail_url=self.urls.thumbnail(key),
+            kind=image.kind,
+            sha256=image.sha256,
+            size=len(image.data),
+            job_entry=job_entry(image_id, image) if job_id is not None else None,
+        )
+
+    def read_record(self, image_id: str) -> CharacterReferenceRecord | None:
+        """The sidecar of a standalone image, or None. Blocking."""
+        try:
+            raw = self.storage.get_bytes(character_reference_sidecar_key(image_id))
+        except ObjectNotFoundError:
+            return None
+        return CharacterReferenceRecord.model_validate_json(raw)
+
+    def _find(self, image_id: str) -> tuple[str, str | None]:
+        """Key and expected sha256 of a standalone image, from its sidecar or by extension.
+
+        Blocking; `find` is the same with a memory of what was found.
+        CharacterReferenceNotFoundError when no image has this id.
+        """
+        record = self.read_record(image_id)
+        if record is not None:
+            extension = normalize_image_extension(record.content_type.rpartition("/")[2])
+            key = character_reference_key(image_id, extension)
+            if self.storage.exists(key):
+                return key, record.sha256
+        for extension in IMAGE_CONTENT_TYPES:
+            key = character_reference_key(image_id, extension)
+            if self.storage.exists(key):
+                return key, None
+        raise CharacterReferenceNotFoundError(image_id)
+
+    def forget_locations(self) -> None:
+        """Forget where images were found (after a delete)."""
+        self.find.cache_clear()

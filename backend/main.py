@@ -188,6 +188,9 @@ def create_app(
         version=__version__,
         description="Character reference images, their storage, video jobs and their assets.",
         lifespan=lifespan,
+        # The backend exports Prometheus metrics and JSON logs of its own and sets up no
+        # OpenTelemetry provider; FastAPI's bridge to one would still ask on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     install_error_schema(app)
@@ -201,19 +204,26 @@ def create_app(
         api_responses[403] = {
             "description": "a signed URL (expires, signature) changed, expired or for another route"
         }
-    app.include_router(system.router)
-    # The studio: a page to try the API in a browser (plain files, no build step, no CDN).
-    app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")
-    api_routers = [mv.router, generations.router, jobs.router]
+    # Routes are matched in order, each candidate costing a match: the image routes (the hot
+    # path) come first.
+    api_routers = [mv.router, jobs.router, generations.router]
     if settings.debug_endpoints:
         api_routers.append(debug.router)
     for router in api_routers:
         app.include_router(router, dependencies=api_dependencies, responses=api_responses)
+    app.include_router(system.router)
+    # In front of every route: the image GETs' express routes (routers/express.py).
+    app.router.routes[:0] = mv.EXPRESS_ROUTES
+    # The studio: a page to try the API in a browser (plain files, no build step, no CDN).
+    app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")
     # Added innermost first: the request context wraps CORS, which wraps the key check.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=MAX_JSON_BODY_BYTES, own_limit_paths={UPLOAD_PATH}
     )
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_values, signer=url_signer(settings))
+    if settings.api_key_values:
+        app.add_middleware(
+            ApiKeyMiddleware, keys=settings.api_key_values, signer=url_signer(settings)
+        )
     origins = settings.cors_origin_list
     if origins:
         app.add_middleware(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +55,7 @@ class RequestContextMiddleware:
             return
         offered = _header(scope, b"x-request-id")
         request_id = (
-            offered if offered and _CLIENT_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+            offered if offered and _CLIENT_REQUEST_ID.fullmatch(offered) else os.urandom(16).hex()
         )
         token = request_id_var.set(request_id)
         status = 500
@@ -90,21 +90,21 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.http_requests.labels(method, route, str(status)).inc()
-            self.metrics.http_latency.labels(method, route).observe(elapsed)
-            logger.info(
-                "%s %s %d",
-                method,
-                scope["path"],
-                status,
-                extra={
-                    "method": method,
-                    "path": scope["path"],
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                },
-            )
+            self.metrics.observe_request(method, route, status, elapsed)
+            if logger.isEnabledFor(logging.INFO):  # the line's fields cost more than the check
+                logger.info(
+                    "%s %s %d",
+                    method,
+                    scope["path"],
+                    status,
+                    extra={
+                        "method": method,
+                        "path": scope["path"],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
             request_id_var.reset(token)
 
 

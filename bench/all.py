@@ -55,8 +55,9 @@ def main() -> int:
     steps = [
         ("storage", lambda: asyncio.run(storage.measure(rounds))),
         ("contention", lambda: contention.measure(32 if options.quick else 64)),
-        ("serving", lambda: serving.measure(500 if options.quick else 1000, rounds)),
-        ("thumbnails", lambda: thumbnails.measure(500 if options.quick else 1000, rounds)),
+        # Short rounds taking turns: 20 x 250 requests per server (quick: 6 x 250).
+        ("serving", lambda: serving.measure(250, 6 if options.quick else 20)),
+        ("thumbnails", lambda: thumbnails.measure(250, 6 if options.quick else 20)),
         ("event loop", lambda: health_under_load.measure(300 if options.quick else 500)),
         ("generation", lambda: generation.measure(rounds)),
         ("worker tier", lambda: worker_tier.measure(rounds)),

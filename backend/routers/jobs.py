@@ -84,8 +84,8 @@ async def _job_reference(
     return key, sha256, missing
 
 
-@router.get("/{job_id}/character_references/{image_id}", responses=_NOT_FOUND)
 @router.head("/{job_id}/character_references/{image_id}", include_in_schema=False)
+@router.get("/{job_id}/character_references/{image_id}", responses=_NOT_FOUND)
 async def get_job_character_reference(
     job_id: JobId,
     image_id: ImageId,
@@ -102,12 +102,12 @@ async def get_job_character_reference(
     )
 
 
+@router.head("/{job_id}/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
 @router.get(
     "/{job_id}/character_references/{image_id}/thumbnail/{size}",
     responses=THUMBNAIL_RESPONSES,
     response_class=Response,
 )
-@router.head("/{job_id}/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
 async def get_job_character_reference_thumbnail(
     job_id: JobId,
     image_id: ImageId,
@@ -134,8 +134,8 @@ class CloudAssetLocation(BaseModel):
     content_type: str
 
 
-@router.get("/{job_id}/assets/{path:path}", responses=_NOT_FOUND)
 @router.head("/{job_id}/assets/{path:path}", include_in_schema=False)
+@router.get("/{job_id}/assets/{path:path}", responses=_NOT_FOUND)
 async def get_job_asset(
     job_id: JobId,
     path: str,

@@ -23,8 +23,10 @@ from routers.deps import (
     GenerationsDep,
     IdempotencyKeyHeader,
     ImageDeliveryDep,
+    get_image_delivery,
 )
 from routers.errors import FieldError
+from routers.express import UUID_PATTERN, ExpressRoute, service
 from routers.serving import stored_file_response
 from routers.upload_limits import MAX_UPLOAD_BYTES, MULTIPART_OVERHEAD, capped_request, too_large
 from services.asset_persistence import (
@@ -89,6 +91,39 @@ _UPLOAD_BODY = {
 }
 
 
+# The image routes come first in the router: they are the hot path, and routes match in order.
+@router.head("/get_character_reference/{image_id}", include_in_schema=False)
+@router.get("/get_character_reference/{image_id}", responses=_ERRORS)
+async def get_character_reference(
+    image_id: ImageId,
+    request: Request,
+    delivery: ImageDeliveryDep,
+    redirect: Annotated[bool, Query(description="307 to the presigned URL")] = False,
+) -> Response:
+    """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
+    located = await delivery.locate(str(image_id))
+    return await stored_file_response(
+        request, located, redirect=redirect, cloud_reply=cloud_location
+    )
+
+
+@router.head("/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
+@router.get(
+    "/character_references/{image_id}/thumbnail/{size}",
+    responses=THUMBNAIL_RESPONSES,
+    response_class=Response,
+)
+async def get_character_reference_thumbnail(
+    image_id: ImageId, size: Size, request: Request, delivery: ImageDeliveryDep
+) -> Response:
+    """The image as a WebP of at most `size` px on its long side (made on first request);
+    in cloud serving, a 307 to its presigned URL."""
+    key, sha256 = await delivery.find(str(image_id))
+    missing = CharacterReferenceNotFoundError(str(image_id))
+    located = await delivery.locate_thumbnail(key, sha256, size, missing)
+    return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
+
+
 @router.post(
     "/generate_character_reference",
     response_model=GenerateCharacterReferenceResponse,
@@ -111,38 +146,6 @@ async def generate_character_reference(
     return reply
 
 
-@router.get("/get_character_reference/{image_id}", responses=_ERRORS)
-@router.head("/get_character_reference/{image_id}", include_in_schema=False)
-async def get_character_reference(
-    image_id: ImageId,
-    request: Request,
-    delivery: ImageDeliveryDep,
-    redirect: Annotated[bool, Query(description="307 to the presigned URL")] = False,
-) -> Response:
-    """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
-    located = await delivery.locate(str(image_id))
-    return await stored_file_response(
-        request, located, redirect=redirect, cloud_reply=cloud_location
-    )
-
-
-@router.get(
-    "/character_references/{image_id}/thumbnail/{size}",
-    responses=THUMBNAIL_RESPONSES,
-    response_class=Response,
-)
-@router.head("/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
-async def get_character_reference_thumbnail(
-    image_id: ImageId, size: Size, request: Request, delivery: ImageDeliveryDep
-) -> Response:
-    """The image as a WebP of at most `size` px on its long side (made on first request);
-    in cloud serving, a 307 to its presigned URL."""
-    key, sha256 = await delivery.find(str(image_id))
-    missing = CharacterReferenceNotFoundError(str(image_id))
-    located = await delivery.locate_thumbnail(key, sha256, size, missing)
-    return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
-
-
 @router.delete(
     "/character_references/{image_id}",
     status_code=204,
@@ -157,6 +160,35 @@ async def delete_character_reference(image_id: ImageId, assets: AssetsDep) -> Re
     """
     await assets.delete_character_reference(str(image_id))
     return Response(status_code=204)
+
+
+async def _express_image(request: Request, image_id: str, redirect: bool) -> Response:
+    delivery = await service(request, get_image_delivery)
+    return await get_character_reference(uuid.UUID(image_id), request, delivery, redirect)
+
+
+async def _express_thumbnail(request: Request, image_id: str, size: str) -> Response:
+    delivery = await service(request, get_image_delivery)
+    return await get_character_reference_thumbnail(
+        uuid.UUID(image_id), ThumbnailSize(int(size)), request, delivery
+    )
+
+
+_SIZES = "|".join(str(size.value) for size in ThumbnailSize)
+# The image and thumbnail GETs of the studio and of every <img>: see routers/express.py.
+EXPRESS_ROUTES = [
+    ExpressRoute(
+        "/api/mv/get_character_reference/{image_id}",
+        f"/api/mv/get_character_reference/(?P<image_id>{UUID_PATTERN})",
+        _express_image,
+        flags=["redirect"],
+    ),
+    ExpressRoute(
+        "/api/mv/character_references/{image_id}/thumbnail/{size}",
+        f"/api/mv/character_references/(?P<image_id>{UUID_PATTERN})/thumbnail/(?P<size>{_SIZES})",
+        _express_thumbnail,
+    ),
+]
 
 
 def cloud_location(cloud: CloudImage) -> CloudImageLocation:

@@ -90,6 +90,24 @@ class Metrics:
             registry=r,
         )
 
+        # The labelled series of each (method, route, status), looked up once: `labels()` takes
+        # a lock and builds a key on every call, which the per-request path need not pay.
+        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Record one HTTP request: its count by status and its latency by route."""
+        key = (method, route, status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_latency.labels(method, route),
+            )
+            self._request_series[key] = series
+        count, latency = series
+        count.inc()
+        latency.observe(seconds)
+
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Make `gauge` report `read()` at every scrape."""
         gauge.set_function(read)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from mv.ids import parse_image_id
@@ -26,11 +27,6 @@ from services.storage import (
 # every client still gets at least 90 % of PRESIGNED_URL_EXPIRY.
 REUSE_WHILE_VALIDITY_LEFT = 0.9
 MAX_REMEMBERED_URLS = 65_536
-
-
-def _mostly_valid(url: PresignedUrl) -> bool:
-    left = (url.expires_at - datetime.now(UTC)).total_seconds()
-    return left >= REUSE_WHILE_VALIDITY_LEFT * url.expires_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +59,7 @@ class ImageDelivery:
         *,
         serve_from_cloud: bool,
         presigned_url_expiry: int,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.references = references
         self.thumbnails = thumbnails
@@ -70,8 +67,13 @@ class ImageDelivery:
         self._signer = storage if isinstance(storage, SignsExistingKeys) else None
         self.serves_from_cloud = serve_from_cloud and self._signer is not None
         self._expiry = presigned_url_expiry
+        self.clock = clock  # seconds since the epoch; a test can stop it
         self._recent_urls: dict[str, PresignedUrl] = {}
         self._recent_cloud_images: dict[str, CloudImage] = {}
+
+    def _mostly_valid(self, url: PresignedUrl) -> bool:
+        left = url.expires_at.timestamp() - self.clock()
+        return left >= REUSE_WHILE_VALIDITY_LEFT * url.expires_in
 
     def _presigned(self, key: str) -> PresignedUrl | None:
         """A presigned URL of `key`, the same one again while most of its validity is left:
@@ -79,7 +81,7 @@ class ImageDelivery:
         CDNs cache the image."""
         assert self._signer is not None
         recent = self._recent_urls.get(key)
-        if recent is not None and _mostly_valid(recent):
+        if recent is not None and self._mostly_valid(recent):
             return recent
         signed = self._signer.presign_existing(key, self._expiry)
         if signed is not None:
@@ -94,10 +96,11 @@ class ImageDelivery:
 
         Raises CharacterReferenceNotFoundError when no tier holds the image.
         """
-        image_id = parse_image_id(image_id)
+        # Remembered under canonical ids only, so a hit is an id checked before.
         recent = self._recent_cloud_images.get(image_id)
-        if recent is not None and _mostly_valid(recent.url):
+        if recent is not None and self._mostly_valid(recent.url):
             return recent  # a repeated redirect needs neither a lookup nor a signature
+        image_id = parse_image_id(image_id)
         located = await asyncio.to_thread(self._locate, image_id)  # one hop for both steps
         if isinstance(located, CloudImage):
             if len(self._recent_cloud_images) >= MAX_REMEMBERED_URLS:

@@ -9,11 +9,11 @@ import pytest
 
 from fake_replicate import DELIVERY, FakeReplicate, png_bytes
 from services.asset_persistence import identify_image
+from services.backoff import parse_retry_after
 from services.generation.base import GenerationRequest, ProviderError
 from services.generation.generators.replicate import (
     ReplicateGenerator,
     is_delivery_url,
-    parse_retry_after,
     replicate_inputs,
 )
 

@@ -204,18 +204,16 @@ def create_app(
         api_responses[403] = {
             "description": "a signed URL (expires, signature) changed, expired or for another route"
         }
-    # Routes are matched in order, each candidate costing a match: the image routes (the hot
-    # path) come first.
-    api_routers = [mv.router, jobs.router, generations.router]
+    app.include_router(system.router)
+    # The studio: a page to try the API in a browser (plain files, no build step, no CDN).
+    app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")
+    api_routers = [mv.router, generations.router, jobs.router]
     if settings.debug_endpoints:
         api_routers.append(debug.router)
     for router in api_routers:
         app.include_router(router, dependencies=api_dependencies, responses=api_responses)
-    app.include_router(system.router)
     # In front of every route: the image GETs' express routes (routers/express.py).
     app.router.routes[:0] = mv.EXPRESS_ROUTES
-    # The studio: a page to try the API in a browser (plain files, no build step, no CDN).
-    app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")
     # Added innermost first: the request context wraps CORS, which wraps the key check.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=MAX_JSON_BODY_BYTES, own_limit_paths={UPLOAD_PATH}

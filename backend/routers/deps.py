@@ -19,9 +19,7 @@ from services.generation.queue import GenerationQueue
 from services.generation.service import GenerationService
 from services.jobs import JobService
 from services.metrics import Metrics
-from services.storage import (
-    validate_key,
-)
+from services.storage import validate_key
 
 # Documents the X-API-Key header in the OpenAPI schema; ApiKeyMiddleware enforces it.
 API_KEY_SCHEME = APIKeyHeader(name="X-API-Key", auto_error=False)

@@ -17,9 +17,7 @@ from routers.mv import THUMBNAIL_RESPONSES, Size, cloud_location
 from routers.serving import REVALIDATE_CACHE, stored_file_response
 from services.asset_persistence import CloudImage
 from services.jobs import JobService
-from services.storage import (
-    ObjectNotFoundError,
-)
+from services.storage import ObjectNotFoundError
 
 router = APIRouter(prefix="/api/mv/jobs", tags=["jobs"])
 
@@ -84,8 +82,8 @@ async def _job_reference(
     return key, sha256, missing
 
 
-@router.head("/{job_id}/character_references/{image_id}", include_in_schema=False)
 @router.get("/{job_id}/character_references/{image_id}", responses=_NOT_FOUND)
+@router.head("/{job_id}/character_references/{image_id}", include_in_schema=False)
 async def get_job_character_reference(
     job_id: JobId,
     image_id: ImageId,
@@ -102,12 +100,12 @@ async def get_job_character_reference(
     )
 
 
-@router.head("/{job_id}/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
 @router.get(
     "/{job_id}/character_references/{image_id}/thumbnail/{size}",
     responses=THUMBNAIL_RESPONSES,
     response_class=Response,
 )
+@router.head("/{job_id}/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
 async def get_job_character_reference_thumbnail(
     job_id: JobId,
     image_id: ImageId,
@@ -134,8 +132,8 @@ class CloudAssetLocation(BaseModel):
     content_type: str
 
 
-@router.head("/{job_id}/assets/{path:path}", include_in_schema=False)
 @router.get("/{job_id}/assets/{path:path}", responses=_NOT_FOUND)
+@router.head("/{job_id}/assets/{path:path}", include_in_schema=False)
 async def get_job_asset(
     job_id: JobId,
     path: str,

@@ -91,39 +91,6 @@ _UPLOAD_BODY = {
 }
 
 
-# The image routes come first in the router: they are the hot path, and routes match in order.
-@router.head("/get_character_reference/{image_id}", include_in_schema=False)
-@router.get("/get_character_reference/{image_id}", responses=_ERRORS)
-async def get_character_reference(
-    image_id: ImageId,
-    request: Request,
-    delivery: ImageDeliveryDep,
-    redirect: Annotated[bool, Query(description="307 to the presigned URL")] = False,
-) -> Response:
-    """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
-    located = await delivery.locate(str(image_id))
-    return await stored_file_response(
-        request, located, redirect=redirect, cloud_reply=cloud_location
-    )
-
-
-@router.head("/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
-@router.get(
-    "/character_references/{image_id}/thumbnail/{size}",
-    responses=THUMBNAIL_RESPONSES,
-    response_class=Response,
-)
-async def get_character_reference_thumbnail(
-    image_id: ImageId, size: Size, request: Request, delivery: ImageDeliveryDep
-) -> Response:
-    """The image as a WebP of at most `size` px on its long side (made on first request);
-    in cloud serving, a 307 to its presigned URL."""
-    key, sha256 = await delivery.find(str(image_id))
-    missing = CharacterReferenceNotFoundError(str(image_id))
-    located = await delivery.locate_thumbnail(key, sha256, size, missing)
-    return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
-
-
 @router.post(
     "/generate_character_reference",
     response_model=GenerateCharacterReferenceResponse,
@@ -144,6 +111,38 @@ async def generate_character_reference(
     generation_id, reply = await generations.generate_now(body, idempotency_key)
     response.headers["X-Generation-Id"] = generation_id
     return reply
+
+
+@router.get("/get_character_reference/{image_id}", responses=_ERRORS)
+@router.head("/get_character_reference/{image_id}", include_in_schema=False)
+async def get_character_reference(
+    image_id: ImageId,
+    request: Request,
+    delivery: ImageDeliveryDep,
+    redirect: Annotated[bool, Query(description="307 to the presigned URL")] = False,
+) -> Response:
+    """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
+    located = await delivery.locate(str(image_id))
+    return await stored_file_response(
+        request, located, redirect=redirect, cloud_reply=cloud_location
+    )
+
+
+@router.get(
+    "/character_references/{image_id}/thumbnail/{size}",
+    responses=THUMBNAIL_RESPONSES,
+    response_class=Response,
+)
+@router.head("/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
+async def get_character_reference_thumbnail(
+    image_id: ImageId, size: Size, request: Request, delivery: ImageDeliveryDep
+) -> Response:
+    """The image as a WebP of at most `size` px on its long side (made on first request);
+    in cloud serving, a 307 to its presigned URL."""
+    key, sha256 = await delivery.find(str(image_id))
+    missing = CharacterReferenceNotFoundError(str(image_id))
+    located = await delivery.locate_thumbnail(key, sha256, size, missing)
+    return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 
 
 @router.delete(

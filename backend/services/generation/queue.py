@@ -45,9 +45,7 @@ from services.generation.records import (
     new_generation_id,
 )
 from services.metrics import Metrics
-from services.storage import (
-    PreconditionFailedError,
-)
+from services.storage import PreconditionFailedError
 from services.webhooks import DeliveryOutcome, WebhookSender
 
 logger = logging.getLogger(__name__)

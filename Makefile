@@ -33,11 +33,12 @@ $(VENV)/.dev-installed: requirements.txt requirements-worker.txt requirements-de
 run: $(VENV)/.runtime-installed
 	cd backend && ../$(BIN)/python -m server --host $(HOST) --port $(PORT)
 
-# A tiny random-weight FLUX-family pipeline, so the whole flow runs with no GPU, token or network.
-TINY_MODEL := backend/mv/models/tiny-flux
+# A tiny random-weight FLUX.2 [klein] pipeline, so the whole flow (references included) runs with
+# no GPU, token or network.
+TINY_MODEL := backend/mv/models/tiny-flux2-klein
 
 tiny-model: $(VENV)/.runtime-installed
-	cd backend && ../$(BIN)/python -m tools.make_tiny_model mv/models/tiny-flux
+	cd backend && ../$(BIN)/python -m tools.make_tiny_model mv/models/tiny-flux2-klein
 
 run-tiny: tiny-model
 	LOCAL_MODEL_ID=$(CURDIR)/$(TINY_MODEL) LOCAL_DEVICE=cpu $(MAKE) run

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mv.character_reference import MAX_IMAGES
+from mv.character_reference import MAX_IMAGES_PER_REQUEST
 
 BACKEND_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BACKEND_DIR.parent
@@ -55,6 +55,26 @@ def webhook_signing_key(secret: str) -> bytes:
     return key
 
 
+DEFAULT_LOCAL_MODEL = "black-forest-labs/FLUX.2-klein-4B"
+DEFAULT_REPLICATE_REFERENCE_MODEL = "black-forest-labs/flux-2-klein-4b"
+# The Replicate model that keeps the look of each local family, so a fallback looks alike.
+_REPLICATE_FAMILIES = (
+    ("klein", "black-forest-labs/flux-2-klein-4b"),
+    ("kontext", "black-forest-labs/flux-kontext-pro"),
+    ("schnell", "black-forest-labs/flux-schnell"),
+    ("flux.1-dev", "black-forest-labs/flux-dev"),
+)
+
+
+def replicate_model_for(local_model_id: str) -> str:
+    """The Replicate model of `local_model_id`'s family (klein when none is recognised)."""
+    name = Path(local_model_id).name.lower()
+    return next(
+        (model for marker, model in _REPLICATE_FAMILIES if marker in name),
+        DEFAULT_REPLICATE_REFERENCE_MODEL,
+    )
+
+
 class SettingsError(ValueError):
     """Raised when the environment holds an invalid setting; the message names it."""
 
@@ -88,10 +108,12 @@ class Settings(BaseSettings):
 
     # Generation
     image_generator: Literal["auto", "worker", "local", "replicate"] = "auto"
-    local_model_id: str = Field(default="black-forest-labs/FLUX.1-schnell", min_length=1)
+    local_model_id: str = Field(default=DEFAULT_LOCAL_MODEL, min_length=1)
     local_device: Literal["auto", "cuda", "cpu"] = "auto"
     replicate_api_token: SecretStr | None = None
-    replicate_model: str = "black-forest-labs/flux-schnell"
+    # Unset: the Replicate model of the local model's family (replicate_model_for).
+    replicate_model: str | None = None
+    replicate_reference_model: str = DEFAULT_REPLICATE_REFERENCE_MODEL
     replicate_max_attempts: int = Field(default=4, ge=1, le=10)
     max_queued_generations: int = Field(default=8, ge=1, le=1000)
     # Unset: 1 (one GPU in this process), or WORKER_TIER_GENERATION_WORKERS with a worker tier.
@@ -103,7 +125,9 @@ class Settings(BaseSettings):
     worker_token: SecretStr | None = None
     overflow_to_replicate: bool = False
     worker_port: int = Field(default=8001, ge=1, le=65535)
-    worker_max_batch_images: int = Field(default=4, ge=MAX_IMAGES, le=64)
+    worker_max_batch_images: int = Field(
+        default=MAX_IMAGES_PER_REQUEST, ge=MAX_IMAGES_PER_REQUEST, le=64
+    )
     worker_batch_wait_seconds: float = Field(default=0.1, ge=0, le=10)
     worker_max_queued_requests: int = Field(default=16, ge=1, le=10_000)
 
@@ -131,6 +155,7 @@ class Settings(BaseSettings):
         "worker_url",
         "generation_workers",
         "candidate_retention_days",
+        "replicate_model",
         mode="before",
     )
     @classmethod
@@ -161,10 +186,10 @@ class Settings(BaseSettings):
         path = value.expanduser()
         return (path if path.is_absolute() else BACKEND_DIR / path).resolve()
 
-    @field_validator("replicate_model")
+    @field_validator("replicate_model", "replicate_reference_model")
     @classmethod
-    def _valid_replicate_model(cls, value: str) -> str:
-        if not _REPLICATE_MODEL.fullmatch(value):
+    def _valid_replicate_model(cls, value: str | None) -> str | None:
+        if value is not None and not _REPLICATE_MODEL.fullmatch(value):
             raise ValueError("must be 'owner/name' or 'owner/name:<64-hex version>'")
         return value
 
@@ -247,6 +272,11 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """Origins allowed to call the API from a browser."""
         return self.cors_origins.split(",") if self.cors_origins else []
+
+    @property
+    def effective_replicate_model(self) -> str:
+        """REPLICATE_MODEL, or the Replicate model of LOCAL_MODEL_ID's family when unset."""
+        return self.replicate_model or replicate_model_for(self.local_model_id)
 
     @property
     def effective_generation_workers(self) -> int:

@@ -56,7 +56,7 @@ def measure(rounds: int = 5, with_s3: bool = True) -> list[Row]:
     # The bare pipeline, driven with the generator's own arguments.
     generator = DiffusersGenerator(str(model), "cpu")
     assert generator.load() is None
-    request = GenerationRequest("bench", (1, 2, 3, 4), "1:1")
+    request = GenerationRequest.of_prompt("bench", (1, 2, 3, 4), "1:1")
     arguments = generator.call_arguments(request)
     pipeline = generator.pipeline
 

@@ -199,7 +199,7 @@ def bench(name: str, model_id: str, factory: Callable[[], Any], rounds: int) -> 
     build_s = time.perf_counter() - started
     generator = DiffusersGenerator(model_id, "cuda", loader=lambda _id, _device: pipeline)
     assert generator.load() is None, generator.describe()
-    request = GenerationRequest("a silver robot with a red shield", (1, 2, 3, 4), "1:1")
+    request = GenerationRequest.of_prompt("a silver robot with a red shield", (1, 2, 3, 4), "1:1")
 
     def through_generator() -> Any:
         return asyncio.run(generator.generate(request))

@@ -177,7 +177,9 @@ def _one_image_bodies(seeds: range) -> list[dict[str, Any]]:
 
 def _batching_row(bare: DiffusionModel, api_url: str, rounds: int) -> list[Row]:
     """8 concurrent one-image requests via the worker, against two bare calls of 4."""
-    prompt_requests = [GenerationRequest(DESCRIPTION, (seed,), "1:1") for seed in range(8)]
+    prompt_requests = [
+        GenerationRequest.of_prompt(DESCRIPTION, (seed,), "1:1") for seed in range(8)
+    ]
 
     def bare_two_calls() -> None:
         for group in (prompt_requests[:4], prompt_requests[4:]):
@@ -299,7 +301,9 @@ def _bare_gpu_rates(
     from torch.utils.flop_counter import FlopCounterMode
 
     bare = DiffusionModel(gpu_generation.built_on_gpu(factory), model_id, "cuda")
-    requests = [GenerationRequest(DESCRIPTION, (seed,), "1:1") for seed in range(max(GPU_BATCHES))]
+    requests = [
+        GenerationRequest.of_prompt(DESCRIPTION, (seed,), "1:1") for seed in range(max(GPU_BATCHES))
+    ]
 
     def call(batch: int) -> Callable[[], object]:
         return lambda: bare.pipeline(**bare.call_arguments(requests[:batch]))
@@ -367,7 +371,7 @@ def direct_worker_requests(url: str, count: int) -> None:
     """`count` one-image requests straight to the worker at once, read to their `done`."""
 
     async def one(client: httpx.AsyncClient, seed: int) -> None:
-        body = {"prompt": DESCRIPTION, "seeds": [seed]}
+        body = {"prompts": [DESCRIPTION], "seeds": [seed]}
         reader = EventReader()
         events = []
         async with client.stream("POST", url, json=body) as reply:

@@ -16,7 +16,7 @@ from ray.serve import Application
 
 from config import MIN_API_KEY_CHARS, Settings, SettingsError, load_settings
 from gpu_worker.deployments import DiffusionWorker, WorkerIngress
-from mv.character_reference import MAX_IMAGES
+from mv.character_reference import MAX_IMAGES_PER_REQUEST
 from services.generation.diffusion import DeviceSetting
 
 
@@ -27,7 +27,7 @@ class WorkerArgs(BaseModel):
 
     local_model_id: str | None = Field(default=None, min_length=1)
     local_device: DeviceSetting | None = None
-    worker_max_batch_images: int | None = Field(default=None, ge=MAX_IMAGES, le=64)
+    worker_max_batch_images: int | None = Field(default=None, ge=MAX_IMAGES_PER_REQUEST, le=64)
     worker_batch_wait_seconds: float | None = Field(default=None, ge=0, le=10)
     worker_max_queued_requests: int | None = Field(default=None, ge=1, le=10_000)
 

@@ -37,7 +37,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import Receive, Scope, Send
 
-from mv.character_reference import MAX_IMAGES
+from mv.character_reference import MAX_IMAGES_PER_REQUEST
 from routers.errors.shape import error_response  # the API's one error shape
 from services.asset_persistence import encode_image, identify_image
 from services.generation.base import (
@@ -97,7 +97,7 @@ class BatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # At least one request's images: a request's images are never split.
-    max_batch_images: int = Field(default=MAX_IMAGES, ge=MAX_IMAGES, le=64)
+    max_batch_images: int = Field(default=MAX_IMAGES_PER_REQUEST, ge=MAX_IMAGES_PER_REQUEST, le=64)
     batch_wait_seconds: float = Field(default=0.1, ge=0, le=10)
 
 
@@ -133,6 +133,7 @@ class DiffusionWorker:
         return {
             "model": self.model.model_id,
             "family": self.model.profile.family,
+            "max_references": self.model.max_references,
             "device": self.model.device,
             "replica": self.replica,
             "node": socket.gethostname(),
@@ -156,7 +157,7 @@ class DiffusionWorker:
     # Two batches at a time: the next one's pipeline call queues behind the running one on the
     # pipeline thread, and runs while the first one's images are encoded.
     @serve.batch(
-        max_batch_size=4,
+        max_batch_size=MAX_IMAGES_PER_REQUEST,
         batch_wait_timeout_s=0.1,
         max_concurrent_batches=2,
         batch_size_fn=images_in,

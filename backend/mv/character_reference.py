@@ -1,18 +1,31 @@
-"""Character references: the prompt template, the aspect-ratio table and the API's models."""
+"""Character references: prompt templates, views, the aspect-ratio table and the API models."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from mv.ids import parse_job_id
+from mv.ids import parse_image_id, parse_job_id
 
 MAX_DESCRIPTION_CHARS = 2000
 MAX_IMAGES = 4
+MAX_REFERENCE_IMAGES = 4
+MAX_VIEWS = 8
+# Every image of one request, whether asked for by num_images or by views.
+MAX_IMAGES_PER_REQUEST = max(MAX_IMAGES, MAX_VIEWS)
 # Image i gets seed + i, and seeds are 32-bit everywhere (torch, Replicate): keep the last one so.
-MAX_SEED = 2**32 - MAX_IMAGES
+MAX_SEED = 2**32 - MAX_IMAGES_PER_REQUEST
 
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21"]
 OutputFormat = Literal["png", "webp", "jpeg"]
@@ -47,18 +60,98 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 
+# What each named view asks of the picture. Views frame the same character the way a
+# turnaround sheet and an expression sheet do, so an animator (or a video model) sees it from
+# every side it will be shown from.
+VIEW_PROMPTS: dict[str, str] = {
+    "front": "front view, facing the viewer, full body from head to feet, standing straight",
+    "three_quarter": "three-quarter view, turned 45 degrees to its right, full body from head "
+    "to feet, standing straight",
+    "side": "side view in profile, facing left, full body from head to feet, standing straight",
+    "back": "back view, facing away from the viewer, full body from head to feet, standing "
+    "straight",
+    "close_up": "close-up portrait of the head and shoulders, facing the viewer",
+    "full_body": "full body from head to feet in a natural, relaxed pose",
+    "smiling": "head and shoulders, facing the viewer, smiling warmly",
+    "angry": "head and shoulders, facing the viewer, with an angry frown",
+    "sad": "head and shoulders, facing the viewer, with a sad expression",
+    "surprised": "head and shoulders, facing the viewer, with a surprised expression",
+}
+View = Literal[
+    "front",
+    "three_quarter",
+    "side",
+    "back",
+    "close_up",
+    "full_body",
+    "smiling",
+    "angry",
+    "sad",
+    "surprised",
+]
+TURNAROUND: tuple[View, ...] = ("front", "three_quarter", "side", "back")
+
+VIEW_TEMPLATE = (
+    "Character reference sheet of {description}: {view}, on a plain light-grey studio "
+    "background, even soft lighting, sharp focus, clean detailed rendering, no text."
+)
+# With references, the description says what to make of the character ("the same character
+# playing bass on a rooftop at night"), and it comes first: it is what changes between
+# requests, and a text encoder that truncates long prompts keeps it. What follows asks the
+# model to keep what makes the character recognisable from shot to shot (face, hair, build,
+# outfit, colours, style), which is what users of reference features ask for most; the first
+# reference is the identity, the others show more of the same character.
+REFERENCE_TEMPLATE = (
+    "{description}. {view}Keep the character exactly as in {references}: the same face, "
+    "hairstyle, body proportions, outfit, colours and art style."
+)
+REFERENCE_VIEW = "Show the character {view}, on a plain light-grey studio background. "
+
+
 def image_size(aspect_ratio: str, scale: float = 1.0) -> tuple[int, int]:
     """Width and height for `aspect_ratio`, at `scale` times the one-megapixel table's sides."""
     width, height = ASPECT_RATIO_SIZES[aspect_ratio]
     return round(width * scale), round(height * scale)
 
 
-def build_prompt(description: str) -> str:
-    """The full prompt for a clean, full-body character reference of `description`."""
-    return PROMPT_TEMPLATE.format(description=description.strip().rstrip("."))
+def build_prompt(description: str, view: str | None = None, references: int = 0) -> str:
+    """The full prompt for one image: a clean, full-body character reference of
+    `description` (or its `view`), or, with `references`, the referenced character as the
+    description says, keeping its identity."""
+    description = description.strip().rstrip(".")
+    if references:
+        reference_view = REFERENCE_VIEW.format(view=VIEW_PROMPTS[view]) if view else ""
+        images = (
+            "the reference image"
+            if references == 1
+            else (f"the {references} reference images (the first shows its identity)")
+        )
+        return REFERENCE_TEMPLATE.format(
+            description=description, view=reference_view, references=images
+        )
+    if view is not None:
+        return VIEW_TEMPLATE.format(description=description, view=VIEW_PROMPTS[view])
+    return PROMPT_TEMPLATE.format(description=description)
 
 
 Description = Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
+
+
+ReferenceImageIds = Annotated[
+    list[str],
+    Field(
+        min_length=1,
+        max_length=MAX_REFERENCE_IMAGES,
+        description="stored image ids to make the character from; the first is its identity",
+    ),
+]
+Views = Annotated[
+    list[View] | Literal["turnaround"],
+    Field(
+        description=f"instead of num_images: up to {MAX_VIEWS} views, one image each; "
+        '"turnaround" is front, three_quarter, side, back'
+    ),
+]
 
 
 class GenerateCharacterReferenceRequest(BaseModel):
@@ -67,7 +160,15 @@ class GenerateCharacterReferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     character_description: Description
-    num_images: StrictInt = Field(default=MAX_IMAGES, ge=1, le=MAX_IMAGES)
+    reference_image_ids: ReferenceImageIds | None = None
+    views: Views | None = None
+    # Declared after `views` so its check sees them. With views, it is their number.
+    num_images: StrictInt = Field(
+        default=MAX_IMAGES,
+        ge=1,
+        le=MAX_VIEWS,
+        description=f"1-{MAX_IMAGES}; with views, their number (leave it out)",
+    )
     aspect_ratio: AspectRatio = "1:1"
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
@@ -94,6 +195,59 @@ class GenerateCharacterReferenceRequest(BaseModel):
     def _valid_job_id(cls, value: str | None) -> str | None:
         return None if value is None else parse_job_id(value)
 
+    @field_validator("reference_image_ids")
+    @classmethod
+    def _valid_reference_ids(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        ids = [parse_image_id(image_id) for image_id in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("must not name the same image twice")
+        return ids
+
+    @field_validator("views")
+    @classmethod
+    def _known_views(cls, value: list[str] | str | None) -> list[str] | None:
+        if value == "turnaround":
+            return list(TURNAROUND)
+        if value is not None and not 1 <= len(value) <= MAX_VIEWS:
+            raise ValueError(f"must name 1 to {MAX_VIEWS} views")
+        return value  # type: ignore[return-value]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_image_per_view(cls, data: Any) -> Any:
+        # With views, num_images is their number (so a stored request reads back the same).
+        if isinstance(data, dict) and "num_images" not in data:
+            views = data.get("views")
+            if views == "turnaround":
+                return {**data, "num_images": len(TURNAROUND)}
+            if isinstance(views, list) and 1 <= len(views) <= MAX_VIEWS:
+                return {**data, "num_images": len(views)}
+        return data
+
+    @field_validator("num_images")
+    @classmethod
+    def _as_many_as_views(cls, value: int, info: ValidationInfo) -> int:
+        views = info.data.get("views")
+        if views is not None and value != len(views):
+            raise ValueError(f"must be left out, or be {len(views)} (one image per view)")
+        return value
+
+    @field_validator("num_images")
+    @classmethod
+    def _at_most_four_without_views(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("views") is None and value > MAX_IMAGES:
+            raise ValueError(f"must be at most {MAX_IMAGES} (views may ask for up to {MAX_VIEWS})")
+        return value
+
+    @property
+    def image_views(self) -> tuple[View | None, ...]:
+        """One entry per image to make: its view, or None for the plain template."""
+        if self.views is not None:
+            return tuple(self.views)  # type: ignore[arg-type]
+        return (None,) * self.num_images
+
 
 THUMBNAIL_URL_DESCRIPTION = "a WebP of at most 256 px on its long side, made on first request"
 
@@ -108,6 +262,7 @@ class CharacterReferenceImage(BaseModel):
     thumbnail_url: str = Field(description=THUMBNAIL_URL_DESCRIPTION)
     base64: str | None = Field(description="the encoded image, when include_base64 is true")
     seed: int
+    view: View | None = Field(default=None, description="the view it shows, when views were asked")
     width: int
     height: int
     content_type: str
@@ -123,6 +278,9 @@ class GenerationMetadata(BaseModel):
     backend: GeneratorName
     fallback_reason: str | None
     aspect_ratio: str
+    reference_image_ids: list[str] | None = Field(
+        default=None, description="the stored images the character was made from"
+    )
     parameters_used: dict[str, Any]
     generation_time_ms: int
     generation_timestamp: datetime

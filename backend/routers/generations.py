@@ -39,6 +39,7 @@ async def submit_character_reference_job(
 ) -> GenerationStatus:
     """Queue a generation (the sync route's body, plus `webhook_url`); poll `status_url`."""
     policy.check_can_run(body.backend)  # refused now, not when a client polls
+    policy.check_references(body.backend, len(body.reference_image_ids or ()))
     status = await generations.submit(body, idempotency_key)
     response.headers["Location"] = status.status_url
     return status

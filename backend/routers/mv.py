@@ -103,11 +103,13 @@ async def generate_character_reference(
     policy: GenerationPolicyDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerateCharacterReferenceResponse:
-    """Generate 1-4 candidate character reference images; each is stored before the reply.
+    """Generate 1-4 candidate character reference images (or one per view), from the
+    description alone or from stored reference images; each is stored before the reply.
 
     `X-Generation-Id` names the generation (the same for a replay of an Idempotency-Key).
     """
     policy.check_offered(body.backend)
+    policy.check_references(body.backend, len(body.reference_image_ids or ()))
     generation_id, reply = await generations.generate_now(body, idempotency_key)
     response.headers["X-Generation-Id"] = generation_id
     return reply

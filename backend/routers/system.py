@@ -8,7 +8,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from routers.deps import AssetsDep, GenerationPolicyDep, MetricsDep
 from services.storage import ChecksHealth
@@ -31,6 +31,11 @@ class Readiness(BaseModel):
     status: Literal["ready", "degraded", "not ready"]
     problems: list[str]
     warnings: list[str] = []
+    reference_images: dict[str, int | None] = Field(
+        default={},
+        description="per configured generator, how many reference images a request may bring "
+        "(0: text-to-image only; null: not known until its model loads)",
+    )
 
 
 class VersionInfo(BaseModel):
@@ -65,11 +70,15 @@ async def ready(policy: GenerationPolicyDep, assets: AssetsDep) -> JSONResponse:
         except Exception as error:
             problems.append(f"storage: {error}")
     warnings = readiness.warnings
+    references = policy.reference_support()
     if problems:
-        reply = Readiness(status="not ready", problems=problems, warnings=warnings)
+        reply = Readiness(
+            status="not ready", problems=problems, warnings=warnings, reference_images=references
+        )
         return JSONResponse(reply.model_dump(), 503)
     status = "degraded" if warnings else "ready"
-    return JSONResponse(Readiness(status=status, problems=[], warnings=warnings).model_dump())
+    reply = Readiness(status=status, problems=[], warnings=warnings, reference_images=references)
+    return JSONResponse(reply.model_dump())
 
 
 @router.get("/version")

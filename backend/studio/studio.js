@@ -1,4 +1,5 @@
-// Character studio: describe, generate (async route + polling), pick into a job, delete.
+// Character studio: describe, generate (async route + polling), make more of a picked
+// character from its reference (turnaround sheet or scene), pick into a job, delete.
 // Plain browser JavaScript against the REST API; every error reply has one shape:
 // {"detail": {"error", "message", "fields"?: [{"loc", "message"}]}}.
 "use strict";
@@ -155,17 +156,35 @@ function showCandidates(images) {
     ...images.map((image) =>
       card(image, `seed ${image.seed}`, [
         button("Pick", "pick", () => pick(image)),
+        button("More", "secondary more", () => moreOf(image)),
         button("Delete", "danger delete", () => removeCandidate(image)),
       ])
     ),
   );
 }
 
-$("generate-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const go = $("generate");
+// Submit an asynchronous generation and follow it; its result, or null after an error shown.
+async function runGeneration(body, go, what) {
   go.disabled = true;
   showError(null);
+  try {
+    setProgress("submitting", null);
+    const submitted = await api("POST", `${API}/character_reference_jobs`, body);
+    const result = await waitFor(submitted.status_url);
+    const meta = result.metadata;
+    setProgress(`${meta.num_images_generated} ${what} in ${meta.generation_time_ms} ms`, 1);
+    return result;
+  } catch (error) {
+    $("progress-box").hidden = true;
+    showError(error);
+    return null;
+  } finally {
+    go.disabled = false;
+  }
+}
+
+$("generate-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
   const body = {
     character_description: $("description").value,
     num_images: Number($("count").value),
@@ -173,19 +192,44 @@ $("generate-form").addEventListener("submit", async (event) => {
     include_base64: false,
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
-  try {
-    setProgress("submitting", null);
-    const submitted = await api("POST", `${API}/character_reference_jobs`, body);
-    const result = await waitFor(submitted.status_url);
-    const meta = result.metadata;
-    setProgress(`${meta.num_images_generated} candidates in ${meta.generation_time_ms} ms`, 1);
-    showCandidates(result.images);
-  } catch (error) {
-    $("progress-box").hidden = true;
-    showError(error);
-  } finally {
-    go.disabled = false;
-  }
+  const result = await runGeneration(body, $("generate"), "candidates");
+  if (result) showCandidates(result.images);
+});
+
+// ------------------------------------------------------ more of a character
+
+let moreReference = null;
+
+function moreOf(image) {
+  moreReference = image;
+  $("more-reference").textContent = `the candidate with seed ${image.seed}`;
+  $("more-panel").hidden = false;
+  $("more-panel").scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+$("more-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (!moreReference) return;
+  const scene = $("more-kind").value === "scene";
+  const description = $("more-scene").value.trim();
+  const body = {
+    character_description: scene ? description : "the same character",
+    reference_image_ids: [moreReference.id],
+    aspect_ratio: $("aspect").value,
+    include_base64: false,
+  };
+  if (scene) body.num_images = 1;
+  else body.views = "turnaround";
+  const result = await runGeneration(body, $("more-generate"), "images");
+  if (!result) return;
+  const from = (result.metadata.reference_image_ids || []).map((id) => id.slice(0, 8));
+  $("derived").prepend(
+    ...result.images.map((image) =>
+      card(image, `${image.view || "scene"} · from ${from.join(", ")}`, [
+        button("Pick", "pick", () => pick(image)),
+      ])
+    ),
+  );
 });
 
 async function removeCandidate(image) {
@@ -230,8 +274,7 @@ async function pick(image) {
     image_ids: [image.id],
   });
   showJob(job);
-  document.querySelector(`#candidates .card[data-image-id="${image.id}"]`)
-    ?.classList.add("picked");
+  document.querySelector(`.card[data-image-id="${image.id}"]`)?.classList.add("picked");
 }
 
 $("job-form").addEventListener("submit", async (event) => {

@@ -19,6 +19,7 @@ from typing import Any
 import boto3
 import httpx
 import hypothesis
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -223,6 +224,16 @@ def photo_like_png(width: int = 1024, height: int = 768) -> bytes:
     return buffer.getvalue()
 
 
+def blocks_png(seed: int, size: tuple[int, int] = (256, 256)) -> bytes:
+    """An image of random 32 px colour blocks: each seed a visibly different picture."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (size[1] // 32, size[0] // 32, 3), dtype=np.uint8)
+    pixels = np.kron(blocks, np.ones((32, 32, 1), dtype=np.uint8))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
     """A small real image in the given Pillow format."""
     image = Image.effect_noise(size, 64).convert("RGB")
@@ -250,6 +261,14 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tools.make_tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight FLUX.2 [klein] pipeline (takes references), built once per session."""
+    from tools.make_tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-flux2-klein", "flux2-klein")
 
 
 @pytest.fixture(scope="session")
@@ -289,11 +308,13 @@ class BlockingGenerator:
     name = "replicate"
     model = "fake/blocking"
     total_steps = 10
+    references_taken = 4
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.started = threading.Event()
         self.calls = 0
+        self.requests: list[GenerationRequest] = []
 
     def start(self) -> None:
         """Nothing to prepare."""
@@ -306,6 +327,10 @@ class BlockingGenerator:
         """Always available."""
         return None
 
+    def max_references(self) -> int:
+        """Takes references, like the default models."""
+        return self.references_taken
+
     def describe(self) -> dict[str, Any]:
         """Its name."""
         return {"model": self.model}
@@ -317,6 +342,7 @@ class BlockingGenerator:
         small images."""
         progress = progress or GenerationProgress()
         self.calls += 1
+        self.requests.append(request)
         self.started.set()
         step = 0
         while not self.release.is_set():

@@ -173,7 +173,7 @@ def test_a_request_past_its_deadline_is_a_504(make_api: Callable[..., ApiHarness
 async def test_the_policy_serves_again_after_a_deadline() -> None:
     blocking = BlockingGenerator()
     policy = GenerationPolicy("replicate", {"replicate": blocking}, timeout_seconds=0.2)
-    request = GenerationRequest("p", (1,), "1:1")
+    request = GenerationRequest.of_prompt("p", (1,), "1:1")
     with pytest.raises(GenerationTimeoutError, match="did not finish"):
         await policy.generate(request)
     blocking.release.set()

@@ -25,7 +25,7 @@ PROMPT = "a silver metallic humanoid robot with a red shield"
 
 def make_request(seeds: tuple[int, ...], aspect_ratio: str = "1:1") -> GenerationRequest:
     """A request for one image per seed."""
-    return GenerationRequest(PROMPT, seeds, aspect_ratio, negative_prompt="blurry")
+    return GenerationRequest.of_prompt(PROMPT, seeds, aspect_ratio, negative_prompt="blurry")
 
 
 def pixels(result: GenerationResult) -> np.ndarray:

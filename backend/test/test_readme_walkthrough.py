@@ -111,6 +111,15 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     with Image.open(copy / "thumb.webp") as thumbnail:
         assert thumbnail.format == "WEBP" and max(thumbnail.size) <= 256
     assert '204\n{"detail":{"error":"NotFound"' in output  # the DELETE, then the GET after it
+    # Keeping the character: a turnaround sheet and a scene made from the first candidate.
+    first_candidate = json.loads((copy / "sheet.json").read_text())["metadata"]
+    sheet = json.loads((copy / "sheet.json").read_text())["images"]
+    assert [image["view"] for image in sheet] == ["front", "three_quarter", "side", "back"]
+    (reference,) = first_candidate["reference_image_ids"]
+    assert f'"reference_image_ids":["{reference}"]' in output and '"view":"back"' in output
+    scene = json.loads((copy / "scene.json").read_text())
+    assert scene["metadata"]["reference_image_ids"] == [reference]
+    assert "playing bass on a rooftop" in scene["metadata"]["parameters_used"]["prompt"]
     # S3 mode: a 307 to the bucket, and the same bytes straight from it and through it.
     assert "307 http://127.0.0.1:5000/mv-dev/character_references/" in output
     assert (copy / "from-s3.png").read_bytes() == (copy / "via-redirect.png").read_bytes()

@@ -22,7 +22,7 @@ MODEL = "black-forest-labs/flux-schnell"
 
 def make_request(seeds: tuple[int, ...] = (100, 101, 102, 103)) -> GenerationRequest:
     """A request for one image per seed."""
-    return GenerationRequest("a robot", seeds, "16:9", negative_prompt="blurry")
+    return GenerationRequest.of_prompt("a robot", seeds, "16:9", negative_prompt="blurry")
 
 
 def generator_for(fake: FakeReplicate, **options: object) -> ReplicateGenerator:
@@ -166,15 +166,15 @@ def test_retry_after_forms() -> None:
 
 
 def test_non_flux_models_get_sizes_and_negative_prompt() -> None:
-    inputs = replicate_inputs("stability-ai/sdxl", make_request(), 5)
+    inputs = replicate_inputs("stability-ai/sdxl", make_request(), 1)
     assert (inputs["width"], inputs["height"]) == (1344, 768)
     assert inputs["negative_prompt"] == "blurry"
-    assert inputs["seed"] == 5
+    assert inputs["seed"] == 101
 
 
 async def test_webp_output_is_kept_as_sent() -> None:
     fake = FakeReplicate(output_for=lambda seed: png_bytes(seed, image_format="WEBP"))
-    request = GenerationRequest("a robot", (1,), "1:1", output_format="webp")
+    request = GenerationRequest.of_prompt("a robot", (1,), "1:1", output_format="webp")
     result = await generator_for(fake).generate(request)
     assert fake.inputs[0]["output_format"] == "webp"
     assert result.images[0].encoded is not None

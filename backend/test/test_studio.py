@@ -63,10 +63,10 @@ def browser() -> Iterator[WebDriver]:
 
 @pytest.fixture(params=["local", "s3"])
 def studio_server(
-    request: pytest.FixtureRequest, make_settings: Any, tiny_sdxl_turbo: Path
+    request: pytest.FixtureRequest, make_settings: Any, tiny_klein: Path
 ) -> Iterator[str]:
     overrides: dict[str, Any] = {
-        "local_model_id": str(tiny_sdxl_turbo),
+        "local_model_id": str(tiny_klein),
         "local_device": "cpu",
         "api_keys": API_KEY,
         "url_signing_secret": TEST_SIGNING_SECRET,
@@ -150,6 +150,34 @@ def test_the_studio_flow_in_a_real_browser(
     with _api(studio_server) as api:
         job = api.get("/api/mv/jobs/studio-job").json()
     assert [asset["image_id"] for asset in job["assets"]] == [picked_id]
+
+    # More of the picked character: a turnaround sheet made from it, with progress; each
+    # result says its view and the reference it came from, and can be picked into the job.
+    cards[0].find_element(By.CSS_SELECTOR, "button.more").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "more-panel").is_displayed())
+    Select(browser.find_element(By.ID, "more-kind")).select_by_value("turnaround")
+    browser.find_element(By.ID, "more-generate").click()
+    derived = _wait(
+        browser,
+        lambda d: (w := _loaded_images(d, "#derived img")) and len(w) == 4 and all(w) and w,
+    )
+    assert all(0 < width <= 512 for width in derived)
+    captions = [
+        card.find_element(By.CSS_SELECTOR, ".actions span").text
+        for card in browser.find_elements(By.CSS_SELECTOR, "#derived .card")
+    ]
+    views = ["front", "three_quarter", "side", "back"]
+    assert captions == [f"{view} · from {picked_id[:8]}" for view in views]
+    assert "images in" in browser.find_element(By.ID, "status").text
+    side = browser.find_elements(By.CSS_SELECTOR, "#derived .card")[2]
+    side_id = side.get_attribute("data-image-id")
+    side.find_element(By.CSS_SELECTOR, "button.pick").click()
+    _wait(browser, lambda d: len(_loaded_images(d, "#job-references img")) == 2)
+    with _api(studio_server) as api:
+        job = api.get("/api/mv/jobs/studio-job").json()
+        assert [asset["image_id"] for asset in job["assets"]] == [picked_id, side_id]
+        made = api.get(f"/api/mv/character_references/{side_id}/metadata").json()
+    assert made["reference_image_ids"] == [picked_id] and made["view"] == "side"
 
     # Delete the other candidate: its card goes, and so does the image.
     cards[1].find_element(By.CSS_SELECTOR, "button.delete").click()

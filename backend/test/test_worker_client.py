@@ -62,7 +62,7 @@ def test_worker_settings_are_checked_at_start_up(make_settings: Callable[..., ob
     with pytest.raises(SettingsError, match="OVERFLOW_TO_REPLICATE=true needs REPLICATE_API"):
         make_settings(worker_url=WORKER_URL, overflow_to_replicate=True)
     with pytest.raises(SettingsError, match="WORKER_MAX_BATCH_IMAGES"):
-        make_settings(worker_max_batch_images=3)  # a request's 4 images are never split
+        make_settings(worker_max_batch_images=7)  # a request's 8 view images are never split
 
 
 def test_generation_workers_default_to_enough_for_the_worker_to_batch(
@@ -302,7 +302,7 @@ def test_the_serve_config_file_deploys_the_worker_app(make_settings: Callable[..
     assert autoscaling["min_replicas"] >= 1 and autoscaling["max_replicas"] > 1
     assert autoscaling["target_ongoing_requests"] > 0
     batch = BatchConfig.model_validate(worker.user_config)
-    assert batch.max_batch_images >= 4 and batch.batch_wait_seconds > 0
+    assert batch.max_batch_images >= 8 and batch.batch_wait_seconds > 0
     assert config.http_options.port == 8001
 
 

@@ -33,11 +33,11 @@ import torch
 from PIL import Image
 
 from config import BACKEND_DIR, load_settings
-from conftest import ENV_TEST, ApiHarness, free_port, wait_until
+from conftest import ENV_TEST, ApiHarness, blocks_png, free_port, wait_until
 from fake_replicate import FakeReplicate
 from live_server import serve
 from main import create_app
-from services.generation.base import GenerationRequest
+from services.generation.base import GenerationRequest, ReferenceImage
 from services.generation.generators.local import DiffusersGenerator
 from services.generation.worker_protocol import (
     STREAM_MEDIA_TYPE,
@@ -69,7 +69,7 @@ class WorkerApp:
 
     def stream(self, seeds: list[int], **body: Any) -> contextlib.AbstractContextManager:
         """A raw POST /generate stream (httpx), open while the context lasts."""
-        payload = {"prompt": DESCRIPTION, "seeds": seeds, **body}
+        payload = {"prompts": [DESCRIPTION] * len(seeds), "seeds": seeds, **body}
         return httpx.stream(
             "POST",
             self.url + "/generate",
@@ -182,7 +182,7 @@ def test_worker_routes_but_health_need_the_token(fast_worker: WorkerApp) -> None
     assert httpx.get(fast_worker.url + "/health").json() == {"status": "ok"}
     for headers in ({}, {TOKEN_HEADER: TOKEN[:-1]}, {TOKEN_HEADER: TOKEN + "x"}):
         assert httpx.get(fast_worker.url + "/ready", headers=headers).status_code == 401
-        body = {"prompt": "x", "seeds": [1]}
+        body = {"prompts": ["x"], "seeds": [1]}
         reply = httpx.post(fast_worker.url + "/generate", json=body, headers=headers)
         assert reply.status_code == 401
         assert reply.json()["detail"]["error"] == "Unauthorized"
@@ -190,7 +190,8 @@ def test_worker_routes_but_health_need_the_token(fast_worker: WorkerApp) -> None
     assert info["status"] == "ready"
     assert info["device"] == "cpu"
     assert info["family"] == "sdxl-turbo"
-    assert info["max_batch_images"] == 4
+    assert info["max_batch_images"] == 8
+    assert info["max_references"] == 0  # SDXL-Turbo: text to image only
     assert info["replica"] and info["pid"] > 0
 
 
@@ -212,7 +213,7 @@ def test_the_api_names_a_token_the_worker_refuses(
 def test_worker_refuses_a_malformed_request_by_field(fast_worker: WorkerApp) -> None:
     headers = {TOKEN_HEADER: TOKEN}
     reply = httpx.post(
-        fast_worker.url + "/generate", json={"prompt": "x", "seeds": []}, headers=headers
+        fast_worker.url + "/generate", json={"prompts": ["x"], "seeds": []}, headers=headers
     )
     assert reply.status_code == 422
     assert reply.json()["detail"][0]["loc"] == ["body", "seeds"]
@@ -247,7 +248,7 @@ def test_generate_through_the_worker_stores_and_serves_the_images(
     assert local.load() is None
     prompt = metadata["parameters_used"]["prompt"]
     negative = metadata["parameters_used"]["negative_prompt"]
-    request = GenerationRequest(prompt, (21, 22), "1:1", negative_prompt=negative)
+    request = GenerationRequest.of_prompt(prompt, (21, 22), "1:1", negative_prompt=negative)
     in_process = asyncio.run(local.generate(request))
     local.close()
     for image, made_here in zip(images, in_process.images, strict=True):
@@ -296,6 +297,76 @@ def test_concurrent_requests_share_pipeline_calls_and_keep_their_pixels(
         by_itself = pixels(alone_reply["images"][0]["base64"])
         assert np.abs(in_batch - by_itself).max() <= 1
         assert by_itself.std() > 5  # real images, not a constant that matches trivially
+
+
+@pytest.fixture(scope="session")
+def klein_worker(ray_serve: str, tiny_klein: Path) -> WorkerApp:
+    """A worker app on the tiny FLUX.2 [klein] pipeline, which takes reference images."""
+    return deploy(ray_serve, "klein", tiny_klein, worker_batch_wait_seconds=0.5)
+
+
+def test_references_travel_to_the_worker_and_batch_only_with_their_own(
+    make_settings: Callable[..., Any], klein_worker: WorkerApp, tiny_klein: Path
+) -> None:
+    assert klein_worker.info()["max_references"] == 4
+    settings = make_settings(
+        image_generator="worker",
+        worker_url=klein_worker.url,
+        worker_token=TOKEN,
+        generation_workers=None,
+    )
+    references = [blocks_png(1), blocks_png(2)]
+
+    async def run(base_url: str) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+            ids = []
+            for data in references:
+                files = {"file": ("ref.png", data, "image/png")}
+                ids.append(
+                    (await client.post("/api/mv/upload_character_reference", files=files)).json()[
+                        "id"
+                    ]
+                )
+
+            async def generate(reference: str, seed: int) -> dict[str, Any]:
+                body = {
+                    "character_description": "the same character waving",
+                    "reference_image_ids": [reference],
+                    "num_images": 1,
+                    "seed": seed,
+                }
+                reply = await client.post(GENERATE, json=body)
+                assert reply.status_code == 200, reply.text
+                return reply.json()
+
+            # Two requests with the first reference, one with the second, all at once.
+            return list(
+                await asyncio.gather(generate(ids[0], 5), generate(ids[0], 6), generate(ids[1], 5))
+            )
+
+    with serve(create_app(settings)) as base_url:
+        first, same_reference, other_reference = asyncio.run(run(base_url))
+    sizes = [r["metadata"]["parameters_used"]["batch_images"] for r in (first, same_reference)]
+    # A call takes one set of references: the other reference's request ran in its own.
+    assert other_reference["metadata"]["parameters_used"]["batch_images"] == 1
+    assert sizes in ([1, 1], [2, 2])
+    # The worker made what this process makes from the same request.
+    local = DiffusersGenerator(str(tiny_klein), "cpu")
+    assert local.load() is None
+    parameters = first["metadata"]["parameters_used"]
+    reference_id = first["metadata"]["reference_image_ids"][0]
+    request = GenerationRequest.of_prompt(
+        parameters["prompt"],
+        (5,),
+        "1:1",
+        references=(ReferenceImage(reference_id, references[0]),),
+    )
+    made_here = asyncio.run(local.generate(request)).images[0].pixels
+    local.close()
+    worker_pixels = pixels(first["images"][0]["base64"])
+    assert np.abs(worker_pixels - np.asarray(made_here, np.int16)).max() <= 1
+    other = pixels(other_reference["images"][0]["base64"])
+    assert np.abs(worker_pixels - other).mean() > 2  # the reference reached the worker
 
 
 def wait_for_status(
@@ -355,12 +426,12 @@ def test_a_canceled_request_sharing_a_call_is_discarded_and_the_others_finish(
         async with httpx.AsyncClient(base_url=slow_worker.url, headers=headers, timeout=60) as c:
 
             async def keep() -> list[Any]:
-                body = {"prompt": DESCRIPTION, "seeds": [1]}
+                body = {"prompts": [DESCRIPTION], "seeds": [1]}
                 async with c.stream("POST", "/generate", json=body) as reply:
                     return [event async for event in async_events(reply)]
 
             async def leave() -> int:
-                body = {"prompt": DESCRIPTION, "seeds": [2]}
+                body = {"prompts": [DESCRIPTION], "seeds": [2]}
                 async with c.stream("POST", "/generate", json=body) as reply:
                     async for event in async_events(reply):
                         if event.event == "progress" and event.step >= 2:
@@ -387,7 +458,7 @@ def saturated_slow_worker(slow_worker: WorkerApp) -> Iterator[WorkerApp]:
     client = httpx.AsyncClient(base_url=slow_worker.url, headers={TOKEN_HEADER: TOKEN}, timeout=60)
 
     async def hold(seed: int, accepted: asyncio.Event) -> None:
-        body = {"prompt": DESCRIPTION, "seeds": [seed]}
+        body = {"prompts": [DESCRIPTION], "seeds": [seed]}
         async with client.stream("POST", "/generate", json=body) as reply:
             assert reply.status_code == 200
             accepted.set()  # headers come with `accepted`: a replica took the request
@@ -427,7 +498,7 @@ def test_serve_backpressure_is_a_429_with_retry_after(
 ) -> None:
     direct = httpx.post(
         saturated_slow_worker.url + "/generate",
-        json={"prompt": "x", "seeds": [1]},
+        json={"prompts": ["x"], "seeds": [1]},
         headers={TOKEN_HEADER: TOKEN},
         timeout=30,
     )
@@ -543,24 +614,29 @@ def make_worker_env(model: Path, **settings: str) -> dict[str, str]:
 
 
 def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
-    tiny_sdxl_turbo: Path, ray_serve: str
+    tiny_sdxl_turbo: Path, ray_serve: str, tmp_path: Path
 ) -> None:
     others = _ray_processes()  # the session's own cluster stays
-    command = subprocess.Popen(
-        MAKE_WORKER,
-        cwd=BACKEND_DIR,
-        env=make_worker_env(tiny_sdxl_turbo),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        command = subprocess.Popen(
+            MAKE_WORKER,
+            cwd=BACKEND_DIR,
+            env=make_worker_env(tiny_sdxl_turbo),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     try:
         printed = ""
         deadline = time.monotonic() + 180
         while "make run" not in printed and time.monotonic() < deadline:
-            printed += command.stdout.readline()  # type: ignore[union-attr]
+            line = command.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                break  # it exited
+            printed += line
         match = re.search(r"WORKER_URL=(\S+) WORKER_TOKEN=(\S+) make run", printed)
-        assert match, printed
+        assert match, printed + errors.read_text()[-4000:]
         url, token = match.groups()
         assert httpx.get(url + "/health").json() == {"status": "ok"}
         ready = httpx.get(url + "/ready", headers={TOKEN_HEADER: token}, timeout=30)

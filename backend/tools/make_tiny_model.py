@@ -1,12 +1,13 @@
 """Build a tiny random-weight diffusers pipeline on disk, so the server runs with no GPU or weights.
 
-    cd backend && python -m tools.make_tiny_model mv/models/tiny-flux            # FLUX family
+    cd backend && python -m tools.make_tiny_model mv/models/tiny-flux2-klein     # FLUX.2 [klein]
+    cd backend && python -m tools.make_tiny_model mv/models/tiny-flux --family flux
     cd backend && python -m tools.make_tiny_model mv/models/tiny-sdxl-turbo --family sdxl
 
 The pipelines keep the real structure where it decides cost and shape: a VAE with four blocks
 (the real latent scale factor of 8), the real text encoder and tokenizer classes, and attention
 only at the lowest resolution. The images are noise; loading, batching, seeding, sizes,
-encoding and storage are all real.
+references, encoding and storage are all real.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-Family = Literal["flux", "sdxl"]
+Family = Literal["flux2-klein", "flux", "sdxl"]
 
 _TEXT_HIDDEN = 32
 _SEED = 0
@@ -132,6 +133,115 @@ def build_flux(path: Path) -> Path:
     return path
 
 
+def _byte_level_qwen_tokenizer() -> Any:
+    """A Qwen2 tokenizer whose tokens are the 256 bytes, with the chat template FLUX.2 uses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {
+        piece: index for index, piece in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))
+    }
+    vocab.update({special: len(vocab) + index for index, special in enumerate(specials)})
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=model,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+# With diffusers' default initialisation a tiny FLUX.2 transformer barely listens to its
+# conditioning: another reference image moves the output by a fraction of one uint8 level,
+# another prompt by less, so no test could see that either reached the model. Scaling every
+# transformer weight by this factor makes both move it by several levels on average, while
+# the same inputs still give identical pixels.
+KLEIN_TRANSFORMER_SCALE = 4.0
+
+
+def build_flux2_klein(path: Path) -> Path:
+    """A tiny Flux2KleinPipeline (step-distilled, takes reference images) saved at `path`."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_level_qwen_tokenizer()
+    text_hidden = 16
+    # 28 layers, as the real Qwen3 text encoder has: the pipeline reads layers 9, 18 and 27.
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=32,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_hidden,  # three hidden-state layers side by side
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.mul_(KLEIN_TRANSFORMER_SCALE)
+    pipeline = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            time_shift_type="exponential",
+        ),
+        vae=AutoencoderKLFlux2(
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            mid_block_add_attention=False,  # as for the FLUX.1 VAE above
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
 def build_sdxl(path: Path) -> Path:
     """A tiny StableDiffusionXLPipeline (turbo-style scheduler) saved at `path`."""
     import torch
@@ -173,10 +283,10 @@ def build_sdxl(path: Path) -> Path:
     return path
 
 
-BUILDERS = {"flux": build_flux, "sdxl": build_sdxl}
+BUILDERS = {"flux2-klein": build_flux2_klein, "flux": build_flux, "sdxl": build_sdxl}
 
 
-def build(path: Path, family: Family = "flux") -> Path:
+def build(path: Path, family: Family = "flux2-klein") -> Path:
     """Build the tiny pipeline of `family` at `path` (replacing nothing that is already there)."""
     path = Path(path)
     if (path / "model_index.json").is_file():
@@ -188,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: build a tiny pipeline and print where it is."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="directory to write the pipeline into")
-    parser.add_argument("--family", choices=sorted(BUILDERS), default="flux")
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="flux2-klein")
     args = parser.parse_args(argv)
     existed = (args.path / "model_index.json").is_file()
     path = build(args.path, args.family).resolve()

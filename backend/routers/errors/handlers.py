@@ -30,6 +30,7 @@ from services.generation.base import (
     GeneratorNotOfferedError,
     GeneratorUnavailableError,
     ProviderError,
+    ReferencesNotSupportedError,
 )
 from services.generation.generators.worker import WorkerBusyError
 from services.generation.records import GenerationNotFoundError, StoredGenerationFailedError
@@ -58,6 +59,9 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (GeneratorFailedError, 503, "GeneratorFailed"),
     (ProviderError, 502, "ProviderError"),
     (GenerationTimeoutError, 504, "GenerationTimeout"),
+    # Raised before queueing it is a 422 naming the field (_FIELD_ERRORS); found while an
+    # asynchronous generation runs (a model that loaded since), its stored failure says so.
+    (ReferencesNotSupportedError, 422, "ReferencesNotSupported"),
     (GenerationError, 502, "GenerationFailed"),
     (JobExistsError, 409, "JobExists"),
     (IdempotencyKeyInUseError, 409, "IdempotencyKeyInUse"),
@@ -77,6 +81,7 @@ _FIELD_ERRORS: list[tuple[type[Exception], tuple[str, str]]] = [
     (WebhooksDisabledError, ("body", "webhook_url")),
     (WebhookRefusedError, ("body", "webhook_url")),
     (GeneratorNotOfferedError, ("body", "backend")),
+    (ReferencesNotSupportedError, ("body", "reference_image_ids")),
 ]
 
 
@@ -177,11 +182,12 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Map service errors to statuses, validation to 422s naming fields, the rest to a 500."""
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(FieldError, _field_error)
-    for kind, _ in _FIELD_ERRORS:
-        app.add_exception_handler(kind, _field_error)
     app.add_exception_handler(StoredGenerationFailedError, _service_error)
     for kind, _, _ in _STATUS:
         app.add_exception_handler(kind, _service_error)
+    # After the statuses: an error listed in both is answered as the field it is about.
+    app.add_exception_handler(FieldError, _field_error)
+    for kind, _ in _FIELD_ERRORS:
+        app.add_exception_handler(kind, _field_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

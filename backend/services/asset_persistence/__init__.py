@@ -20,6 +20,7 @@ from services.asset_persistence.images import (
     ImageKind,
     UnsupportedImageError,
     encode_image,
+    fit_to_area,
     identify_image,
     verify_image,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "UnsupportedImageError",
     "UrlSigner",
     "encode_image",
+    "fit_to_area",
     "identify_image",
     "install_lifecycle_rule",
     "lifecycle_problem",

@@ -77,3 +77,15 @@ def encode_image(pixels: Image.Image, output_format: str) -> bytes:
     buffer = io.BytesIO()
     pixels.save(buffer, format=pillow_format, **options)
     return buffer.getvalue()
+
+
+def fit_to_area(data: bytes, max_pixels: int) -> bytes:
+    """Untrusted image bytes checked like an upload (fully decoded, no bomb), and scaled down
+    to at most `max_pixels` pixels as a PNG; bytes already small enough come back as they are."""
+    kind = verify_image(data)
+    if kind.width * kind.height <= max_pixels:
+        return data
+    scale = (max_pixels / (kind.width * kind.height)) ** 0.5
+    size = (max(1, int(kind.width * scale)), max(1, int(kind.height * scale)))
+    with Image.open(io.BytesIO(data)) as image:
+        return encode_image(image.convert("RGB").resize(size, Image.Resampling.LANCZOS), "png")

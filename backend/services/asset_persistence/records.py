@@ -30,6 +30,10 @@ class GenerationDetails(BaseModel):
     model: str | None = None
     backend: Literal["worker", "local", "replicate", "upload"] | None = None
     fallback_reason: str | None = None
+    # Lineage: the stored images this one was made from (the first is the identity), and
+    # the named view it shows. The ids stay when those images are deleted.
+    reference_image_ids: list[str] | None = None
+    view: str | None = None
 
 
 class CharacterReferenceRecord(GenerationDetails):

@@ -37,6 +37,7 @@ from services.asset_persistence.thumbnails import ThumbnailStore
 from services.asset_persistence.urls import AssetUrls, LocalAssetUrls
 from services.storage import (
     HoldsPendingUploads,
+    ObjectNotFoundError,
     StorageBackend,
     character_reference_key,
     get_storage_backend,
@@ -206,6 +207,32 @@ class AssetPersistenceService:
         if record is None:
             raise CharacterReferenceNotFoundError(image_id)
         return record
+
+    async def read_character_reference(self, image_id: str) -> tuple[str, bytes]:
+        """The key and bytes of a standalone image, from whichever tier holds them (a pending
+        upload too); CharacterReferenceNotFoundError if it does not exist (or no longer does)."""
+        image_id = parse_image_id(image_id)
+        return await asyncio.to_thread(self._read_character_reference, image_id)
+
+    def _read_character_reference(self, image_id: str) -> tuple[str, bytes]:
+        key, _ = self.references.find(image_id)
+        try:
+            return key, self.storage.get_bytes(key)
+        except ObjectNotFoundError:  # deleted since it was found (by another replica)
+            self.references.forget_locations()
+            raise CharacterReferenceNotFoundError(image_id) from None
+
+    async def check_character_references_exist(self, image_ids: Sequence[str]) -> None:
+        """Raise CharacterReferenceNotFoundError naming the first id with no stored image."""
+        ids = [parse_image_id(image_id) for image_id in image_ids]
+        await asyncio.to_thread(self._check_exist, ids)
+
+    def _check_exist(self, image_ids: Sequence[str]) -> None:
+        for image_id in image_ids:
+            key, _ = self.references.find(image_id)
+            if not self.storage.exists(key):  # deleted since it was found (by another replica)
+                self.references.forget_locations()
+                raise CharacterReferenceNotFoundError(image_id)
 
     async def attach_character_references(
         self, job_id: str, image_ids: Sequence[str]

@@ -12,19 +12,47 @@ from mv.character_reference import GeneratorName, OutputFormat
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """What to generate: one prompt, one image per seed."""
+class ReferenceImage:
+    """A stored image a generation makes its character from: its id and its bytes (PNG or
+    another checked format, already downscaled to what the model takes)."""
 
-    prompt: str
+    id: str
+    data: bytes = field(repr=False)
+    url: str | None = None  # a presigned URL of the stored image, for providers that fetch
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What to generate: one image per seed, each with its prompt, all from the same
+    reference images (none for text-to-image)."""
+
+    prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     aspect_ratio: str
     negative_prompt: str | None = None
     output_format: OutputFormat = "png"
+    references: tuple[ReferenceImage, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.seeds):
+            raise ValueError("a generation request needs one prompt per seed")
+
+    @classmethod
+    def of_prompt(
+        cls, prompt: str, seeds: tuple[int, ...], aspect_ratio: str, **options: Any
+    ) -> GenerationRequest:
+        """A request whose images all share `prompt`."""
+        return cls((prompt,) * len(seeds), seeds, aspect_ratio, **options)
 
     @property
     def num_images(self) -> int:
         """How many images are asked for."""
         return len(self.seeds)
+
+    @property
+    def reference_ids(self) -> tuple[str, ...]:
+        """The ids of the reference images, in order."""
+        return tuple(reference.id for reference in self.references)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +134,10 @@ class ImageGenerator(Protocol):
     ) -> GenerationResult:
         """All images of `request`, or a GenerationError; reports to and obeys `progress`."""
 
+    def max_references(self) -> int | None:
+        """How many reference images one request may bring (0: text-to-image only); None
+        while that is not known yet (a model still loading, a worker not yet asked)."""
+
     def describe(self) -> dict[str, Any]:
         """Non-secret state for /config/debug."""
 
@@ -147,6 +179,11 @@ class GenerationBusyError(GenerationError):
 
 class GenerationCanceledError(GenerationError):
     """The generation was canceled before it finished."""
+
+
+class ReferencesNotSupportedError(GenerationError):
+    """The request has reference images and no generator that may run it can take them;
+    the message names the setting to change."""
 
 
 class GenerationTimeoutError(GenerationError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import io
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,18 +20,23 @@ from typing import Any, Literal
 from PIL import Image
 
 from config import BACKEND_DIR
-from mv.character_reference import image_size
+from mv.character_reference import MAX_REFERENCE_IMAGES, image_size
 from services.generation.base import (
     GenerationCanceledError,
     GenerationRequest,
     GeneratorFailedError,
     OutOfMemoryError,
+    ReferenceImage,
 )
 
 DeviceSetting = Literal["auto", "cuda", "cpu"]
 PipelineLoader = Callable[[str, str], Any]
 # Called after each denoising step with (steps done, total steps); raising stops the call.
 StepCallback = Callable[[int, int], None]
+
+
+# The reference-image area the FLUX families condition on; a larger image is scaled down to it.
+MAX_REFERENCE_PIXELS = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +48,31 @@ class ModelProfile:
     guidance_scale: float | None = None
     size_scale: float = 1.0  # times the one-megapixel aspect-ratio table
     extra: dict[str, Any] = field(default_factory=dict)
+    max_references: int = 0  # reference images one call can take (0: text-to-image only)
+    # Keyword arguments only calls with references get.
+    reference_extra: dict[str, Any] = field(default_factory=dict)
+    area_keyword: str | None = None  # a pipeline argument that overrides width x height
 
 
 def profile_for(pipeline: Any, model_id: str) -> ModelProfile:
     """The call defaults for the pipeline's model family."""
     kind = type(pipeline).__name__
+    if kind == "Flux2KleinPipeline":
+        # Step-distilled FLUX.2 [klein] (the model card): 4 steps, no guidance; text-to-image
+        # and generation from reference images (`image=[...]`) in one pipeline.
+        references = MAX_REFERENCE_IMAGES
+        return ModelProfile("flux2-klein", 4, 1.0, max_references=references)
+    if kind == "FluxKontextPipeline":
+        # One reference. Kontext resizes the output to its own preferred area (max_area) and
+        # bucket (_auto_resize) unless told not to; the size asked for is the size it gets.
+        return ModelProfile(
+            "flux-kontext",
+            28,
+            2.5,
+            max_references=1,
+            reference_extra={"_auto_resize": False},
+            area_keyword="max_area",
+        )
     if kind.startswith("Flux"):
         transformer = getattr(pipeline, "transformer", None)
         if transformer is not None and not transformer.config.get("guidance_embeds", False):
@@ -131,6 +157,12 @@ def load_pipeline(model_id: str, device: str) -> Any:
     return pipeline
 
 
+def decode_reference(reference: ReferenceImage) -> Image.Image:
+    """A reference image's pixels, as RGB, for the pipeline."""
+    with Image.open(io.BytesIO(reference.data)) as image:
+        return image.convert("RGB")
+
+
 def free_accelerator_memory() -> None:
     """Collect garbage and return cached CUDA memory to the device."""
     import torch
@@ -155,6 +187,7 @@ class CallShape:
     num_inference_steps: int | None
     guidance_scale: float | None
     negative_prompt: bool  # whether the call passes negative prompts
+    references: tuple[str, ...]  # every image of one call starts from the same references
 
 
 class DiffusionModel:
@@ -209,7 +242,13 @@ class DiffusionModel:
             self.profile.num_inference_steps,
             self.profile.guidance_scale,
             self._takes_negative_prompt and bool(request.negative_prompt),
+            request.reference_ids,
         )
+
+    @property
+    def max_references(self) -> int:
+        """How many reference images one request may bring (0: text-to-image only)."""
+        return self.profile.max_references
 
     def call_arguments(self, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
         """The exact keyword arguments of one pipeline call for `requests` (of one shape)."""
@@ -220,7 +259,7 @@ class DiffusionModel:
             raise ValueError("requests of different shapes cannot share a pipeline call")
         shape = shapes.pop()
         arguments: dict[str, Any] = {
-            "prompt": [r.prompt for r in requests for _ in r.seeds],
+            "prompt": [prompt for r in requests for prompt in r.prompts],
             "width": shape.width,
             "height": shape.height,
             # CPU generators: the same seed gives the same starting noise on any device.
@@ -234,8 +273,19 @@ class DiffusionModel:
             arguments["num_inference_steps"] = shape.num_inference_steps
         if shape.guidance_scale is not None:
             arguments["guidance_scale"] = shape.guidance_scale
+        if self.profile.area_keyword is not None:
+            arguments[self.profile.area_keyword] = shape.width * shape.height
         if shape.negative_prompt:
             arguments["negative_prompt"] = [r.negative_prompt for r in requests for _ in r.seeds]
+        if shape.references:
+            if len(shape.references) > self.max_references:
+                raise GeneratorFailedError(
+                    f"the local model {self.model_id!r} takes at most {self.max_references} "
+                    f"reference image(s), not {len(shape.references)}"
+                )
+            images = [decode_reference(r) for r in requests[0].references]
+            arguments["image"] = images[0] if self.max_references == 1 else images
+            arguments.update(self.profile.reference_extra)
         return arguments
 
     def parameters(self, request: GenerationRequest, batch_images: int) -> dict[str, Any]:
@@ -249,6 +299,7 @@ class DiffusionModel:
             "num_inference_steps": shape.num_inference_steps,
             "guidance_scale": shape.guidance_scale,
             "negative_prompt_applied": shape.negative_prompt,
+            "reference_images": len(shape.references),
             "batch_images": batch_images,
         }
 

@@ -29,6 +29,7 @@ from services.generation.base import (
     GeneratorUnavailableError,
     ImageGenerator,
     OutOfMemoryError,
+    ReferencesNotSupportedError,
 )
 from services.generation.diffusion import PipelineLoader, load_pipeline
 from services.generation.generators.local import DiffusersGenerator
@@ -47,6 +48,26 @@ _HOW_TO_ENABLE = {
     "LOCAL_DEVICE=cpu with a LOCAL_MODEL_ID small enough for it",
     "replicate": "set REPLICATE_API_TOKEN",
 }
+
+
+_HOW_TO_TAKE_REFERENCES = {
+    "worker": "start the worker tier with LOCAL_MODEL_ID=black-forest-labs/FLUX.2-klein-4B",
+    "local": "set LOCAL_MODEL_ID=black-forest-labs/FLUX.2-klein-4B (a FLUX.1 Kontext model takes "
+    "one reference)",
+    "replicate": "set REPLICATE_REFERENCE_MODEL=black-forest-labs/flux-2-klein-4b",
+}
+
+
+def _reference_refusal(name: GeneratorName, generator: ImageGenerator, count: int) -> str | None:
+    """Why `generator` cannot take `count` reference images, when that is known; else None."""
+    limit = generator.max_references()
+    if count == 0 or limit is None or limit >= count:
+        return None
+    takes = "no reference images" if limit == 0 else f"at most {limit} reference image(s)"
+    return (
+        f"{name}: the model {generator.model!r} takes {takes}, not {count}; to use references, "
+        f"{_HOW_TO_TAKE_REFERENCES[name]}"
+    )
 
 
 def _not_configured(name: GeneratorName) -> str:
@@ -183,6 +204,28 @@ class GenerationPolicy:
             reasons.append(f"{name}: {reason}")
         raise GeneratorUnavailableError("no image generator is available: " + "; ".join(reasons))
 
+    def check_references(self, requested: GeneratorName | None, count: int) -> None:
+        """Raise ReferencesNotSupportedError at once when every generator that could run a
+        request with `count` reference images is known to take fewer (a generator still
+        loading, or not yet asked, may yet take them, so it is waited for)."""
+        if count == 0:
+            return
+        refusals = []
+        for name in self._order(requested):
+            generator = self.generators.get(name)
+            if generator is None or generator.known_unavailable_reason() is not None:
+                continue
+            refusal = _reference_refusal(name, generator, count)
+            if refusal is None:
+                return
+            refusals.append(refusal)
+        if refusals:
+            raise ReferencesNotSupportedError("; ".join(refusals))
+
+    def reference_support(self) -> dict[str, int | None]:
+        """How many reference images each configured generator takes (None: not known yet)."""
+        return {name: generator.max_references() for name, generator in self.generators.items()}
+
     def _out_of_memory_warnings(self) -> list[str]:
         warnings = []
         for name, failures in self._out_of_memory.items():
@@ -218,6 +261,7 @@ class GenerationPolicy:
         if requested is not None and (refusal := self.refusal(requested)) is not None:
             raise GeneratorUnavailableError(refusal)
         reasons: list[str] = []
+        reference_refusals: list[str] = []
         for index, name in enumerate(order):
             generator = self.generators.get(name)
             if generator is None:
@@ -226,6 +270,11 @@ class GenerationPolicy:
             reason = await generator.unavailable_reason()
             if reason is not None:
                 reasons.append(f"{name}: {reason}")
+                continue
+            refusal = _reference_refusal(name, generator, len(request.references))
+            if refusal is not None:  # in auto, the next generator may take them
+                reasons.append(refusal)
+                reference_refusals.append(refusal)
                 continue
             is_last = index == len(order) - 1
             try:
@@ -245,6 +294,8 @@ class GenerationPolicy:
                 continue
             self._out_of_memory.pop(name, None)
             return PolicyOutcome(result, "; ".join(reasons) or None)
+        if reference_refusals:
+            raise ReferencesNotSupportedError("; ".join(reference_refusals))
         raise GeneratorUnavailableError("no image generator is available: " + "; ".join(reasons))
 
     def _overflows(self, name: GeneratorName) -> bool:
@@ -278,7 +329,8 @@ def build_generation_policy(
     if (mode in ("auto", "replicate") or overflow) and token is not None:
         generators["replicate"] = ReplicateGenerator(
             token.get_secret_value(),
-            settings.replicate_model,
+            settings.effective_replicate_model,
+            reference_model=settings.replicate_reference_model,
             max_attempts=settings.replicate_max_attempts,
             transport=replicate_transport,
         )

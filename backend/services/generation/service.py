@@ -79,6 +79,8 @@ class GenerationService:
         """Queue the generation, or find the one an earlier request with this key queued."""
         if body.job_id is not None and not await self.jobs.exists(body.job_id):
             raise JobNotFoundError(body.job_id)  # before anything is queued or stored
+        if body.reference_image_ids:  # likewise; read again when the generation starts
+            await self.assets.check_character_references_exist(body.reference_image_ids)
         if idempotency_key is None:
             return (await self.queue.submit(body, webhook_url=webhook_url)).generation_id
         async with self.idempotency.reserve(scope, idempotency_key, fingerprinted) as slot:

@@ -1,6 +1,7 @@
 """The GPU worker tier's internal HTTP API, shared by the API (client) and the worker app.
 
-POST {WORKER_URL}/generate with a WorkerGenerateRequest answers 200 with a stream of events,
+POST {WORKER_URL}/generate with a WorkerGenerateRequest (reference images, when it has any,
+travel base64-encoded in that JSON body) answers 200 with a stream of events,
 in order: `accepted` (a worker replica took the request), `progress` (after each denoising
 step), one `image` per seed, then `done`; or `error` in place of the images. Each event is a
 line of JSON; an `image` line carries the image's `size`, and exactly that many bytes of the
@@ -12,13 +13,28 @@ Before the stream starts the worker may answer 401 (token), 422 (body), 429 with
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter
+from pydantic import (
+    Base64Bytes,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    model_validator,
+)
 
-from mv.character_reference import MAX_DESCRIPTION_CHARS, MAX_IMAGES, AspectRatio, OutputFormat
-from services.generation.base import GenerationRequest
+from mv.character_reference import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_REFERENCE_IMAGES,
+    AspectRatio,
+    OutputFormat,
+)
+from services.generation.base import GenerationRequest, ReferenceImage
 
 TOKEN_HEADER = "X-Worker-Token"
 STREAM_MEDIA_TYPE = "application/x-mv-worker-events"
@@ -27,40 +43,66 @@ MAX_LINE_BYTES = 64 * 1024
 MAX_SEED_VALUE = 2**32 - 1
 # The prompt template adds a few hundred characters to a description.
 MAX_PROMPT_CHARS = 2 * MAX_DESCRIPTION_CHARS
+# A reference image is at most a megapixel (scaled down before it is sent); even a noisy PNG
+# of that size stays well under this.
+MAX_REFERENCE_BYTES = 16 * 1024 * 1024
 
 
-class WorkerGenerateRequest(BaseModel):
-    """What the worker generates: one image per seed, of one prompt, size and format."""
+class WorkerReference(BaseModel):
+    """A reference image on the wire: its id and its bytes, base64-encoded in the JSON body."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    id: str = Field(min_length=1, max_length=64)
+    data: Base64Bytes = Field(max_length=MAX_REFERENCE_BYTES)
+
+
+class WorkerGenerateRequest(BaseModel):
+    """What the worker generates: one image per seed, each with its prompt, of one size and
+    format, from the same reference images (none for text-to-image)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] = Field(
+        min_length=1, max_length=MAX_IMAGES_PER_REQUEST
+    )
     seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED_VALUE)]] = Field(
-        min_length=1, max_length=MAX_IMAGES
+        min_length=1, max_length=MAX_IMAGES_PER_REQUEST
     )
     aspect_ratio: AspectRatio = "1:1"
     negative_prompt: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
     output_format: OutputFormat = "png"
+    references: list[WorkerReference] = Field(default=[], max_length=MAX_REFERENCE_IMAGES)
+
+    @model_validator(mode="after")
+    def _one_prompt_per_seed(self) -> WorkerGenerateRequest:
+        if len(self.prompts) != len(self.seeds):
+            raise ValueError("prompts and seeds must have the same length")
+        return self
 
     @classmethod
     def of(cls, request: GenerationRequest) -> WorkerGenerateRequest:
         """The wire form of a GenerationRequest."""
         return cls(
-            prompt=request.prompt,
+            prompts=list(request.prompts),
             seeds=list(request.seeds),
             aspect_ratio=request.aspect_ratio,  # type: ignore[arg-type]
             negative_prompt=request.negative_prompt,
             output_format=request.output_format,
+            references=[
+                WorkerReference(id=r.id, data=base64.b64encode(r.data)) for r in request.references
+            ],
         )
 
     def generation_request(self) -> GenerationRequest:
         """The GenerationRequest this asks for."""
         return GenerationRequest(
-            prompt=self.prompt,
+            prompts=tuple(self.prompts),
             seeds=tuple(self.seeds),
             aspect_ratio=self.aspect_ratio,
             negative_prompt=self.negative_prompt,
             output_format=self.output_format,
+            references=tuple(ReferenceImage(r.id, r.data) for r in self.references),
         )
 
 

@@ -109,8 +109,12 @@ class DiffusersGenerator:
         """The device the model runs on, once loaded."""
         return self._loaded.device if self._loaded else None
 
+    def max_references(self) -> int | None:
+        """Reference images the loaded model takes; None until it is loaded."""
+        return self._loaded.max_references if self._loaded else None
+
     def describe(self) -> dict[str, Any]:
-        """Model, device, load state and family defaults."""
+        """Model, device, load state, family defaults and how many references it takes."""
         return {
             "model": self.model,
             "device_setting": self.device_setting,
@@ -118,6 +122,7 @@ class DiffusersGenerator:
             "state": self.state,
             "unavailable_reason": self._unavailable,
             "family": self._loaded.profile.family if self._loaded else None,
+            "max_references": self.max_references(),
         }
 
     # -------------------------------------------------------------- generation

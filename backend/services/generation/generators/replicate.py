@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -12,8 +13,8 @@ import httpx
 import replicate
 from replicate.exceptions import ModelError, ReplicateError
 
-from mv.character_reference import image_size
-from services.asset_persistence import UnsupportedImageError, verify_image
+from mv.character_reference import MAX_REFERENCE_IMAGES, image_size
+from services.asset_persistence import UnsupportedImageError, identify_image, verify_image
 from services.backoff import backoff_delay, parse_retry_after
 from services.generation.base import (
     GeneratedImage,
@@ -21,6 +22,7 @@ from services.generation.base import (
     GenerationRequest,
     GenerationResult,
     ProviderError,
+    ReferenceImage,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,12 +54,50 @@ async def _raise_retryable(response: httpx.Response) -> None:
         )
 
 
-def replicate_inputs(model: str, request: GenerationRequest, seed: int) -> dict[str, Any]:
-    """Inputs for one image of `request` with `seed`, in the schema of `model`'s family."""
+def max_references_of(model: str) -> int:
+    """Reference images a Replicate model's inputs take (0: text-to-image only)."""
     name = model.split(":")[0].lower()
+    if "kontext" in name:
+        return 1  # input_image
+    if "flux-2" in name:
+        return MAX_REFERENCE_IMAGES  # images (the provider takes up to 5)
+    return 0
+
+
+def replicate_inputs(
+    model: str,
+    request: GenerationRequest,
+    index: int,
+    reference_urls: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Inputs for image `index` of `request` (its prompt and seed), in the schema of
+    `model`'s family, with the references at `reference_urls`."""
+    name = model.split(":")[0].lower()
+    prompt, seed = request.prompts[index], request.seeds[index]
+    if "kontext" in name:
+        inputs: dict[str, Any] = {
+            "prompt": prompt,
+            "aspect_ratio": request.aspect_ratio,
+            "seed": seed,
+            "output_format": "png" if request.output_format == "png" else "jpg",
+        }
+        if reference_urls:
+            inputs["input_image"] = reference_urls[0]
+        return inputs
+    if "flux-2" in name:
+        inputs = {
+            "prompt": prompt,
+            "aspect_ratio": request.aspect_ratio,
+            "seed": seed,
+            "output_format": _FORMAT_NAMES[request.output_format],
+            "output_quality": 95,
+        }
+        if reference_urls:
+            inputs["images"] = list(reference_urls)
+        return inputs
     if "flux" in name:
         return {
-            "prompt": request.prompt,
+            "prompt": prompt,
             "num_outputs": 1,
             "aspect_ratio": request.aspect_ratio,
             "seed": seed,
@@ -65,13 +105,7 @@ def replicate_inputs(model: str, request: GenerationRequest, seed: int) -> dict[
             "output_quality": 95,
         }
     width, height = image_size(request.aspect_ratio)
-    inputs: dict[str, Any] = {
-        "prompt": request.prompt,
-        "num_outputs": 1,
-        "width": width,
-        "height": height,
-        "seed": seed,
-    }
+    inputs = {"prompt": prompt, "num_outputs": 1, "width": width, "height": height, "seed": seed}
     if request.negative_prompt:
         inputs["negative_prompt"] = request.negative_prompt
     return inputs
@@ -88,8 +122,11 @@ class ReplicateGenerator:
     """Generates through Replicate: one prediction per seed, run concurrently.
 
     One prediction per image is what makes "image i gets seed + i" true on a provider that
-    takes a single seed per prediction. Outputs are downloaded at once (the provider deletes
-    them within the hour), only from its delivery hosts, size-capped and checked as images.
+    takes a single seed per prediction. A request with reference images runs on
+    `reference_model`; each reference goes as its presigned URL when it has one (S3 mode),
+    otherwise it is uploaded once through the client's file API and its URL shared by every
+    prediction. Outputs are downloaded at once (the provider deletes them within the hour),
+    only from its delivery hosts, size-capped and checked as images.
     """
 
     name: Literal["replicate"] = "replicate"
@@ -99,6 +136,7 @@ class ReplicateGenerator:
         api_token: str,
         model: str,
         *,
+        reference_model: str | None = None,
         max_attempts: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
         delivery_hosts: tuple[str, ...] = DELIVERY_HOSTS,
@@ -108,6 +146,7 @@ class ReplicateGenerator:
         max_output_bytes: int = MAX_OUTPUT_BYTES,
     ) -> None:
         self.model = model
+        self.reference_model = reference_model or model
         self.max_attempts = max_attempts
         self.delivery_hosts = delivery_hosts
         self.backoff_base = backoff_base
@@ -134,9 +173,19 @@ class ReplicateGenerator:
         """Always available once configured with a token."""
         return None
 
+    def max_references(self) -> int:
+        """Reference images the reference model takes."""
+        return max_references_of(self.reference_model)
+
     def describe(self) -> dict[str, Any]:
-        """Model and retry policy (never the token)."""
-        return {"model": self.model, "state": "ready", "max_attempts": self.max_attempts}
+        """Models and retry policy (never the token)."""
+        return {
+            "model": self.model,
+            "reference_model": self.reference_model,
+            "max_references": self.max_references(),
+            "state": "ready",
+            "max_attempts": self.max_attempts,
+        }
 
     async def generate(
         self, request: GenerationRequest, progress: GenerationProgress | None = None
@@ -147,11 +196,14 @@ class ReplicateGenerator:
         """
         progress = progress or GenerationProgress()
         progress.advance(0, request.num_images)
+        model = self.reference_model if request.references else self.model
+        reference_urls = await asyncio.gather(*(self._url_of(r) for r in request.references))
         done = 0
 
-        async def counted(seed: int) -> GeneratedImage:
+        async def counted(index: int) -> GeneratedImage:
             nonlocal done
-            image = await self._one_image(request, seed)
+            inputs = replicate_inputs(model, request, index, reference_urls)
+            image = await self._one_image(model, inputs, request.seeds[index])
             done += 1
             progress.advance(done, request.num_images)
             return image
@@ -160,18 +212,34 @@ class ReplicateGenerator:
         # instead of retrying on in the background after the request has failed.
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(counted(seed)) for seed in request.seeds]
+                tasks = [group.create_task(counted(i)) for i in range(request.num_images)]
         except ExceptionGroup as failures:
             raise failures.exceptions[0] from None
         images = [task.result() for task in tasks]
-        parameters = {"model_inputs": replicate_inputs(self.model, request, request.seeds[0])}
+        parameters = {"model_inputs": replicate_inputs(model, request, 0, reference_urls)}
         parameters["model_inputs"].pop("seed")
-        return GenerationResult(tuple(images), self.model, "replicate", parameters)
+        for name in ("images", "input_image"):  # presigned URLs expire: not worth keeping
+            parameters["model_inputs"].pop(name, None)
+        return GenerationResult(tuple(images), model, "replicate", parameters)
 
-    async def _one_image(self, request: GenerationRequest, seed: int) -> GeneratedImage:
-        inputs = replicate_inputs(self.model, request, seed)
+    async def _url_of(self, reference: ReferenceImage) -> str:
+        """Where the provider fetches a reference: its presigned URL, or an upload's URL."""
+        if reference.url is not None:
+            return reference.url
+        kind = identify_image(reference.data)
+        uploaded = await self._with_retries(
+            lambda: self._client.files.async_create(
+                io.BytesIO(reference.data),
+                filename=f"{reference.id}.{kind.extension}",
+                content_type=kind.content_type,
+            ),
+            what="the reference upload",
+        )
+        return str(uploaded.urls["get"])
+
+    async def _one_image(self, model: str, inputs: dict[str, Any], seed: int) -> GeneratedImage:
         output = await self._with_retries(
-            lambda: self._client.async_run(self.model, input=inputs, use_file_output=False),
+            lambda: self._client.async_run(model, input=inputs, use_file_output=False),
             what="the prediction",
         )
         urls = output if isinstance(output, list) else [output]

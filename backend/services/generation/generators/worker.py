@@ -138,6 +138,11 @@ class WorkerGenerator:
         self._problem_until = time.monotonic() + PROBLEM_TTL_SECONDS
         return problem
 
+    def max_references(self) -> int | None:
+        """Reference images the worker's model takes, as its /ready said; None before."""
+        limit = self._info.get("max_references")
+        return limit if isinstance(limit, int) else None
+
     def describe(self) -> dict[str, Any]:
         """Where the worker is and what it last said (never the token)."""
         state = "ready" if time.monotonic() < self._ready_until else "unknown"
@@ -149,6 +154,7 @@ class WorkerGenerator:
             "model": self._info.get("model"),
             "device": self._info.get("device"),
             "max_batch_images": self._info.get("max_batch_images"),
+            "max_references": self.max_references(),
             "unavailable_reason": self._last_problem,
         }
 

@@ -11,6 +11,8 @@ ratio means the same on any machine:
   original GETs;
 - the event loop: /health latency while generations run vs idle;
 - generation: the API end to end vs the bare pipeline (tiny FLUX on the CPU);
+- references: a 4-view turnaround sheet from a stored reference through the API vs the bare
+  pipeline call with the same arguments (tiny FLUX.2 [klein] on the CPU);
 - the worker tier: the API in front of the Ray Serve worker app (batching across requests,
   the worker path's overhead, /health while the worker generates), in a private network
   namespace (make bench runs it in one);
@@ -37,6 +39,7 @@ import contention
 import generation
 import gpu_generation
 import health_under_load
+import references
 import run as storage
 import serving
 import thumbnails
@@ -60,6 +63,7 @@ def main() -> int:
         ("thumbnails", lambda: thumbnails.measure(250, 6 if options.quick else 20)),
         ("event loop", lambda: health_under_load.measure(300 if options.quick else 500)),
         ("generation", lambda: generation.measure(rounds)),
+        ("references", lambda: references.measure(rounds)),
         ("worker tier", lambda: worker_tier.measure(rounds)),
         ("GPU", lambda: gpu_generation.measure(3)),
     ]

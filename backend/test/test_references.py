@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from config import Settings
 from conftest import (
     ApiHarness,
     BlockingGenerator,
@@ -199,7 +200,7 @@ def test_a_reference_deleted_while_queued_fails_the_generation_with_404(
 
 
 def test_the_reference_reaches_the_pipeline(klein_api: Callable[..., ApiHarness]) -> None:
-    api = klein_api()
+    api = klein_api(debug_endpoints=True)
     first, second = upload(api, blocks_png(1)), upload(api, blocks_png(2))
     body = {"num_images": 1, "seed": 7}
     with_first = pixels_of(generate(api, reference_image_ids=[first], **body)["images"][0])
@@ -215,6 +216,9 @@ def test_the_reference_reaches_the_pipeline(klein_api: Callable[..., ApiHarness]
         api, character_description="the same character asleep", reference_image_ids=[first], **body
     )
     assert np.abs(with_first - pixels_of(other_scene["images"][0])).mean() > 2.0
+    debug = api.client.get("/api/mv/config/debug").json()
+    assert debug["generation"]["generators"]["local"]["max_references"] == 4
+    assert debug["replicate_reference_model"] == "black-forest-labs/flux-2-klein-4b"
 
 
 def test_views_make_a_turnaround_sheet_each_image_as_made_alone(
@@ -310,6 +314,27 @@ def test_in_auto_a_reference_request_goes_to_the_next_generator_that_takes_it(
     assert fake.models == [KLEIN_REPLICATE]
     # A text-only request still runs locally.
     assert generate(api, num_images=1)["metadata"]["backend"] == "local"
+
+
+def test_flux_kontext_takes_one_reference_at_the_size_asked_for(
+    make_api: Callable[..., ApiHarness], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tools.make_tiny_model import build
+
+    kontext = build(tmp_path_factory.mktemp("models") / "tiny-flux-kontext", "flux-kontext")
+    api = make_api(image_generator="local", local_model_id=str(kontext))
+    first, second = upload(api, blocks_png(1)), upload(api, blocks_png(2))
+    assert readiness(api)["reference_images"] == {"local": 1}
+    # Kontext's own defaults would make 1584x656 here (its max_area) from a reference resized
+    # to its preferred bucket; the size asked for is the size made.
+    reply = generate(api, reference_image_ids=[first], num_images=1, aspect_ratio="21:9")
+    image = reply["images"][0]
+    assert (image["width"], image["height"]) == (1536, 640)
+    assert reply["metadata"]["parameters_used"]["family"] == "flux-kontext"
+    two = {"character_description": SCENE, "reference_image_ids": [first, second]}
+    refused = api.client.post(GENERATE, json=two)
+    assert refused.status_code == 422
+    assert "at most 1 reference image(s), not 2" in refused.json()["detail"]["message"]
 
 
 # ---------------------------------------------------------------- Replicate
@@ -408,3 +433,17 @@ def _wait(api: ApiHarness, status_url: str, timeout: float = 30.0) -> dict[str, 
             return status
         time.sleep(0.02)
     pytest.fail(f"{status_url} did not finish: {status}")
+
+
+def test_klein_is_the_default_and_replicate_follows_the_local_family(
+    make_settings: Callable[..., Settings],
+) -> None:
+    assert Settings.model_fields["local_model_id"].default == "black-forest-labs/FLUX.2-klein-4B"
+    follows = {"replicate_model": ""}  # .env.test names one
+    klein = make_settings(**follows, local_model_id="black-forest-labs/FLUX.2-klein-4B")
+    assert klein.effective_replicate_model == KLEIN_REPLICATE
+    schnell = make_settings(**follows, local_model_id="black-forest-labs/FLUX.1-schnell")
+    assert schnell.effective_replicate_model == "black-forest-labs/flux-schnell"
+    chosen = make_settings(replicate_model="someone/their-model")
+    assert chosen.effective_replicate_model == "someone/their-model"
+    assert klein.replicate_reference_model == KLEIN_REPLICATE

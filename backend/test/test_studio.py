@@ -175,7 +175,7 @@ def test_the_studio_flow_in_a_real_browser(
     _wait(browser, lambda d: len(_loaded_images(d, "#job-references img")) == 2)
     with _api(studio_server) as api:
         job = api.get("/api/mv/jobs/studio-job").json()
-        assert [asset["image_id"] for asset in job["assets"]] == [picked_id, side_id]
+        assert sorted(asset["image_id"] for asset in job["assets"]) == sorted([picked_id, side_id])
         made = api.get(f"/api/mv/character_references/{side_id}/metadata").json()
     assert made["reference_image_ids"] == [picked_id] and made["view"] == "side"
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-Family = Literal["flux2-klein", "flux", "sdxl"]
+Family = Literal["flux2-klein", "flux", "flux-kontext", "sdxl"]
 
 _TEXT_HIDDEN = 32
 _SEED = 0
@@ -82,16 +82,22 @@ def _vae(latent_channels: int, **extra: Any) -> Any:
     )
 
 
-def build_flux(path: Path) -> Path:
-    """A tiny FluxPipeline (schnell-style: no guidance embedding) saved at `path`."""
+def build_flux(path: Path, kontext: bool = False) -> Path:
+    """A tiny FluxPipeline (schnell-style: no guidance embedding) saved at `path`; with
+    `kontext`, a FluxKontextPipeline (guidance-distilled, takes one reference image)."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(_SEED)
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
-    pipeline = FluxPipeline(
+    pipeline = (FluxKontextPipeline if kontext else FluxPipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=False, num_train_timesteps=1000
         ),
@@ -125,7 +131,7 @@ def build_flux(path: Path) -> Path:
             num_attention_heads=2,
             joint_attention_dim=_TEXT_HIDDEN,
             pooled_projection_dim=_TEXT_HIDDEN,
-            guidance_embeds=False,
+            guidance_embeds=kontext,
             axes_dims_rope=(4, 6, 6),
         ),
     )
@@ -283,7 +289,12 @@ def build_sdxl(path: Path) -> Path:
     return path
 
 
-BUILDERS = {"flux2-klein": build_flux2_klein, "flux": build_flux, "sdxl": build_sdxl}
+BUILDERS = {
+    "flux2-klein": build_flux2_klein,
+    "flux": build_flux,
+    "flux-kontext": lambda path: build_flux(path, kontext=True),
+    "sdxl": build_sdxl,
+}
 
 
 def build(path: Path, family: Family = "flux2-klein") -> Path:

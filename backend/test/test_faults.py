@@ -24,7 +24,14 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from conftest import ApiHarness, image_bytes, out_of_memory_loader, wait_until
+from conftest import (
+    ApiHarness,
+    BlockingGenerator,
+    blocks_png,
+    image_bytes,
+    out_of_memory_loader,
+    wait_until,
+)
 from fake_replicate import FakeReplicate
 from faulty_proxy import FaultyProxy
 from services.storage.atomic import TEMP_PREFIX, remove_abandoned_temp_files
@@ -339,3 +346,39 @@ def test_the_server_sweeps_temp_files_of_dead_writers_at_start(
     make_api("local")
     wait_until(lambda: not abandoned.exists(), timeout=10)
     assert live.exists()  # its writer is alive: left alone
+
+
+def test_a_reference_whose_upload_is_pending_is_read_from_the_local_copy(
+    make_api: Callable[..., ApiHarness], s3_proxy: FaultyProxy
+) -> None:
+    blocking = BlockingGenerator()
+    blocking.release.set()
+    api = make_api(
+        "s3",
+        aws_endpoint_url=s3_proxy.endpoint,
+        s3_max_attempts=1,
+        s3_connect_timeout=1,
+        pending_upload_retry_seconds=3600,
+        image_generator="replicate",
+        generators={"replicate": blocking},
+    )
+    s3_proxy.stop()
+    reference = blocks_png(4)
+    uploaded = api.client.post(
+        "/api/mv/upload_character_reference", files={"file": ("r.png", reference, "image/png")}
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    reference_id = uploaded.json()["id"]
+    assert f"character_references/{reference_id}.png" in pending_uploads(api)
+    s3_proxy.start()  # back, but the reference stays pending until the next retry (an hour)
+    body = {
+        "character_description": "the same character",
+        "reference_image_ids": [reference_id],
+        "views": ["front", "back"],
+    }
+    reply = api.client.post("/api/mv/generate_character_reference", json=body)
+    assert reply.status_code == 200, reply.text
+    (sent,) = blocking.requests[0].references
+    # The local copy; and no presigned URL, which would point at an object not yet in S3.
+    assert sent.data == reference and sent.url is None
+    assert f"character_references/{reference_id}.png" in pending_uploads(api)

@@ -279,6 +279,22 @@ def test_a_large_reference_reaches_the_generator_scaled_to_a_megapixel(
     assert sent.id == reference
 
 
+def test_images_made_from_a_reference_can_go_straight_into_a_job(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api, blocking = _blocking(make_api)
+    blocking.release.set()
+    reference = upload(api, blocks_png(1))
+    assert api.client.post("/api/mv/jobs", json={"job_id": "video-7"}).status_code == 201
+    made = generate(api, reference_image_ids=[reference], views=["front", "side"], job_id="video-7")
+    job = api.client.get("/api/mv/jobs/video-7").json()
+    in_job = sorted(asset["image_id"] for asset in job["assets"])
+    assert in_job == sorted(image["id"] for image in made["images"])
+    missing_job = {"character_description": SCENE, "reference_image_ids": [reference]}
+    reply = api.client.post(GENERATE, json={**missing_job, "job_id": "no-such-job"})
+    assert reply.status_code == 404
+
+
 # ------------------------------------------- models that take no references
 
 

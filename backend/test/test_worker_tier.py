@@ -447,7 +447,8 @@ def test_a_canceled_request_sharing_a_call_is_discarded_and_the_others_finish(
 
 @pytest.fixture
 def saturated_slow_worker(slow_worker: WorkerApp) -> Iterator[WorkerApp]:
-    """The slow worker with no place left: 8 requests running, 2 queued; all canceled after.
+    """The slow worker with no place left: 16 requests running (max_ongoing_requests, twice
+    the batch), 2 queued; all canceled after.
 
     Opened one at a time: Serve counts a request as queued until a replica takes it, so a
     burst could be shed while places are still free.
@@ -473,10 +474,11 @@ def saturated_slow_worker(slow_worker: WorkerApp) -> Iterator[WorkerApp]:
             await asyncio.sleep(0.3)  # time to reach the queue
         return task
 
+    running = 2 * slow_worker.info()["max_batch_images"]
     holders = []
     try:
-        for seed in range(10):  # 8 running (max_ongoing_requests), then 2 queued
-            opened = asyncio.run_coroutine_threadsafe(open_one(seed, wait=seed < 8), loop)
+        for seed in range(running + 2):
+            opened = asyncio.run_coroutine_threadsafe(open_one(seed, wait=seed < running), loop)
             holders.append(opened.result(timeout=60))
         yield slow_worker
     finally:

@@ -17,8 +17,13 @@ import secrets
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
-from config import SettingsError, load_settings
+from config import Settings, SettingsError, load_settings
+from services.generation.diffusion import brief
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 APP_NAME = "gpu-worker"
 
@@ -40,18 +45,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import ray
-    from ray import serve
-
-    from gpu_worker.cluster import serve_on_ray
+    from ray.exceptions import RayError
 
     address = os.environ.get("RAY_ADDRESS") or None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with serve_on_ray(
-        options.host, settings.worker_port, address=address, logging_level="WARNING"
-    ) as url:
+    try:
+        return _serve(application, settings, options.host, address, stop)
+    except RayError as error:  # Ray or Serve could not start (a port taken, an actor lost)
+        print(f"error: the worker tier did not start: {brief(error)}", file=sys.stderr)
+        return 1
+
+
+def _serve(
+    application: Application,
+    settings: Settings,
+    host: str,
+    address: str | None,
+    stop: threading.Event,
+) -> int:
+    """Deploy the app on a cluster of its own (or the one at `address`) until `stop` is set."""
+    import ray
+    from ray import serve
+
+    from gpu_worker.cluster import serve_on_ray
+
+    with serve_on_ray(host, settings.worker_port, address=address, logging_level="WARNING") as url:
         if settings.local_device != "cpu" and not ray.cluster_resources().get("GPU"):
             print(
                 f"error: LOCAL_DEVICE={settings.local_device} needs a GPU and this Ray cluster has "

@@ -10,6 +10,12 @@ from typing import Any
 
 from config import BACKEND_DIR
 
+# Serve gives a starting HTTP proxy 5 s to answer its ready check, and kills it after three
+# misses; on a busy machine (two cores shared with another cluster's replicas) a proxy can
+# need longer than that just to start its process, and serve.start then fails with
+# ActorDiedError. The controller reads this when it starts.
+PATIENT_PROXY_START = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
 
 @contextlib.contextmanager
 def serve_on_ray(
@@ -34,7 +40,10 @@ def serve_on_ray(
     ray_options.setdefault("include_dashboard", False)
     ray.init(address=address, runtime_env={"env_vars": env}, **ray_options)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(
+            http_options={"host": host, "port": port},
+            controller_options={"runtime_env": {"env_vars": PATIENT_PROXY_START}},
+        )
         yield f"http://{host}:{port}"
     finally:
         if address is None:

@@ -75,7 +75,8 @@ bench-readme: $(VENV)/.dev-installed
 	$(MAKE) --no-print-directory bench | tee .bench-last-run.txt
 	$(BIN)/python bench/readme_table.py .bench-last-run.txt
 
-# Real-size FLUX.1-schnell and SDXL-Turbo architectures with random weights; needs CUDA.
+# Real-size FLUX.2 [klein] 4B, FLUX.1-schnell and SDXL-Turbo architectures with random weights;
+# needs CUDA.
 bench-gpu: $(VENV)/.runtime-installed
 	cd backend && ../$(BIN)/python ../bench/gpu_generation.py
 

@@ -1,4 +1,5 @@
-"""GPU benchmark: real-size FLUX.1-schnell and SDXL-Turbo architectures with random weights.
+"""GPU benchmark: real-size FLUX.2 [klein] 4B, FLUX.1-schnell and SDXL-Turbo architectures with
+random weights.
 
 Run on a CUDA machine: `make bench-gpu` (or, from backend/, `python ../bench/gpu_generation.py`).
 No weights are downloaded: every component is built from its published configuration with
@@ -8,6 +9,8 @@ for schnell), so every matrix has its real shape.
 
 Each model runs through DiffusersGenerator (the worker thread, one batched call, one
 torch.Generator per image, the family defaults) and as a bare pipeline call:
+- FLUX.2 [klein] 4B: 1 and 4 images at 1024x1024, 4 steps, text only and from 1 and 4
+  reference images of 1024x1024 (byte-level tokenizer padded to the real 512 tokens);
 - FLUX.1-schnell: 4 images at 1024x1024, 4 steps, guidance 0;
 - SDXL-Turbo: 4 images at 512x512, 4 steps, guidance 0.
 It prints latency, images per second, the FLOPs of one request (counted by
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from report import Row, print_table  # noqa: E402
 
-from services.generation.base import GenerationRequest  # noqa: E402
+from services.generation.base import GenerationRequest, ReferenceImage  # noqa: E402
 from services.generation.generators.local import DiffusersGenerator  # noqa: E402
 from tools.make_tiny_model import _clip_tokenizer, _t5_tokenizer  # noqa: E402
 
@@ -165,6 +168,66 @@ def sdxl_turbo() -> Any:
     )
 
 
+def flux2_klein_4b() -> Any:
+    """FLUX.2 [klein] 4B: 5 double and 20 single blocks (24 heads of 128), Qwen3-4B as the
+    text encoder (three of its hidden layers side by side: 7680), the 32-channel FLUX.2 VAE."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tools.make_tiny_model import _byte_level_qwen_tokenizer
+
+    with torch.device("cpu"):  # schedulers keep host arrays
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            time_shift_type="exponential",
+        )
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=AutoencoderKLFlux2(),  # the defaults are FLUX.2's VAE
+        text_encoder=Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=151936,
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                max_position_embeddings=40960,
+                tie_word_embeddings=True,
+            )
+        ),
+        # Byte-level, padded to the real 512 tokens: every matrix has its real shape.
+        tokenizer=_byte_level_qwen_tokenizer(),
+        transformer=Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=128,
+            num_layers=5,
+            num_single_layers=20,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=7680,
+            timestep_guidance_channels=256,
+            mlp_ratio=3.0,
+            axes_dims_rope=(32, 32, 32, 32),
+            rope_theta=2000,
+            guidance_embeds=False,
+        ),
+        is_distilled=True,
+    )
+
+
 def built_on_gpu(factory: Callable[[], Any]) -> Any:
     """Build a pipeline's modules directly on the GPU in bf16 (random weights)."""
     previous = torch.get_default_dtype()
@@ -190,8 +253,49 @@ def timed(run: Callable[[], Any], rounds: int) -> list[float]:
     return seconds
 
 
-def bench(name: str, model_id: str, factory: Callable[[], Any], rounds: int) -> dict[str, Any]:
-    """Measure one model through DiffusersGenerator and bare; return the row."""
+def reference_png(seed: int) -> bytes:
+    """A 1024x1024 reference image (noise: its content does not change the compute)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PROMPT = "a silver robot with a red shield"
+FOUR_IMAGES = {"4 images": GenerationRequest.of_prompt(PROMPT, (1, 2, 3, 4), "1:1")}
+
+
+def klein_requests() -> dict[str, GenerationRequest]:
+    """Text only and with 1 and 4 references, each at batch 1 and 4."""
+    references = tuple(ReferenceImage(f"ref-{i}", reference_png(i)) for i in range(4))
+    requests = {}
+    for label, chosen in (("text only", ()), ("1 reference", references[:1])):
+        for batch in (1, 4):
+            seeds = tuple(range(1, batch + 1))
+            requests[f"{label}, batch {batch}"] = GenerationRequest.of_prompt(
+                PROMPT, seeds, "1:1", references=chosen
+            )
+    for batch in (1, 4):
+        seeds = tuple(range(1, batch + 1))
+        requests[f"4 references, batch {batch}"] = GenerationRequest.of_prompt(
+            PROMPT, seeds, "1:1", references=references
+        )
+    return requests
+
+
+def bench(
+    name: str,
+    model_id: str,
+    factory: Callable[[], Any],
+    rounds: int,
+    requests: dict[str, GenerationRequest] = FOUR_IMAGES,
+) -> list[dict[str, Any]]:
+    """Measure one model through DiffusersGenerator and bare, once per request; the rows."""
     from torch.utils.flop_counter import FlopCounterMode
 
     started = time.perf_counter()
@@ -199,84 +303,88 @@ def bench(name: str, model_id: str, factory: Callable[[], Any], rounds: int) -> 
     build_s = time.perf_counter() - started
     generator = DiffusersGenerator(model_id, "cuda", loader=lambda _id, _device: pipeline)
     assert generator.load() is None, generator.describe()
-    request = GenerationRequest.of_prompt("a silver robot with a red shield", (1, 2, 3, 4), "1:1")
+    rows = []
+    for label, request in requests.items():
 
-    def through_generator() -> Any:
-        return asyncio.run(generator.generate(request))
+        def through_generator(request: GenerationRequest = request) -> Any:
+            return asyncio.run(generator.generate(request))
 
-    def bare() -> Any:
-        return pipeline(**generator.call_arguments(request))
+        def bare(request: GenerationRequest = request) -> Any:
+            return pipeline(**generator.call_arguments(request))
 
-    result = through_generator()  # warm-up (kernels, allocator)
-    bare()
-    generator_s = timed(through_generator, rounds)
-    bare_s = timed(bare, rounds)
-    counter = FlopCounterMode(display=False)
-    with counter:
+        result = through_generator()  # warm-up (kernels, allocator)
         bare()
-    flops = counter.get_total_flops()
-    latency = statistics.median(generator_s)
-    memory_gib = torch.cuda.max_memory_allocated() / 2**30
-    row = {
-        "model": name,
-        "family": generator.describe()["family"],
-        "size": f"{result.parameters['width']}x{result.parameters['height']}",
-        "steps": result.parameters["num_inference_steps"],
-        "images": len(result.images),
-        "build_s": build_s,
-        "latency_s": latency,
-        "bare_s": statistics.median(bare_s),
-        "images_per_s": len(result.images) / latency,
-        "tflop_per_request": flops / 1e12,
-        "achieved_tflops": flops / latency / 1e12,
-        "share_of_spec_peak": flops / latency / 1e12 / SPEC_PEAK_TFLOPS,
-        "share_of_measured_peak": flops / latency / 1e12 / MEASURED_PEAK_TFLOPS,
-        "peak_memory_gib": memory_gib,
-    }
+        generator_s = timed(through_generator, rounds)
+        bare_s = timed(bare, rounds)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            bare()
+        flops = counter.get_total_flops()
+        latency = statistics.median(generator_s)
+        rows.append(
+            {
+                "model": f"{name}, {label}" if requests is not FOUR_IMAGES else name,
+                "family": generator.describe()["family"],
+                "size": f"{result.parameters['width']}x{result.parameters['height']}",
+                "steps": result.parameters["num_inference_steps"],
+                "images": len(result.images),
+                "build_s": build_s,
+                "latency_s": latency,
+                "bare_s": statistics.median(bare_s),
+                "images_per_s": len(result.images) / latency,
+                "tflop_per_request": flops / 1e12,
+                "achieved_tflops": flops / latency / 1e12,
+                "share_of_spec_peak": flops / latency / 1e12 / SPEC_PEAK_TFLOPS,
+                "share_of_measured_peak": flops / latency / 1e12 / MEASURED_PEAK_TFLOPS,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
+        torch.cuda.reset_peak_memory_stats()
     generator.close()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return row
+    return rows
 
 
-MODELS = [
-    ("FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell", flux_schnell),
-    ("SDXL-Turbo", "stabilityai/sdxl-turbo", sdxl_turbo),
+MODELS: list[tuple[str, str, Callable[[], Any], Callable[[], dict[str, GenerationRequest]]]] = [
+    ("FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-4B", flux2_klein_4b, klein_requests),
+    ("FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell", flux_schnell, lambda: FOUR_IMAGES),
+    ("SDXL-Turbo", "stabilityai/sdxl-turbo", sdxl_turbo, lambda: FOUR_IMAGES),
 ]
 
 
 def measure(rounds: int = 3, only: str | None = None) -> list[Row]:
-    """Both real-size models through DiffusersGenerator against the bare pipeline; [] without
+    """The real-size models through DiffusersGenerator against the bare pipeline; [] without
     CUDA."""
     if not torch.cuda.is_available():
         return []
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.cuda.get_device_name()
     rows = []
-    for name, model_id, factory in MODELS:
+    for name, model_id, factory, requests in MODELS:
         if only is not None and only not in name.lower():
             continue
-        figures = bench(name, model_id, factory, rounds)
-        rows.append(
-            Row(
-                f"real-size {name} on {device}: generator vs bare pipeline",
-                figures["latency_s"],
-                figures["bare_s"],
-                "s",
-                False,
-                f"{figures['images']} images {figures['size']}, {figures['steps']} steps; "
-                f"{figures['images_per_s']:.2f} images/s, {figures['achieved_tflops']:.0f} TFLOP/s "
-                f"({figures['share_of_spec_peak']:.0%} of spec peak), "
-                f"{figures['peak_memory_gib']:.1f} GiB",
+        for figures in bench(name, model_id, factory, rounds, requests()):
+            rows.append(
+                Row(
+                    f"real-size {figures['model']} on {device}: generator vs bare pipeline",
+                    figures["latency_s"],
+                    figures["bare_s"],
+                    "s",
+                    False,
+                    f"{figures['images']} images {figures['size']}, {figures['steps']} steps; "
+                    f"{figures['images_per_s']:.2f} images/s, "
+                    f"{figures['achieved_tflops']:.0f} TFLOP/s "
+                    f"({figures['share_of_spec_peak']:.0%} of spec peak), "
+                    f"{figures['peak_memory_gib']:.1f} GiB",
+                )
             )
-        )
     return rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["flux", "sdxl"])
+    parser.add_argument("--only", choices=["klein", "flux", "sdxl"])
     options = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")

@@ -268,7 +268,7 @@ def real_size_loader(name: str, model_id: str, device: str) -> Any:
     """A worker loader that builds a real-size architecture on the GPU (random bf16 weights)."""
     import gpu_generation
 
-    factories = {model: factory for model, _, factory in gpu_generation.MODELS}
+    factories = {model: factory for model, _, factory, _ in gpu_generation.MODELS}
     return gpu_generation.built_on_gpu(factories[name])
 
 
@@ -282,7 +282,7 @@ def gpu_rows(proxy: str, rounds: int) -> list[Row]:
     import gpu_generation
 
     rows = []
-    for name, model_id, factory in gpu_generation.MODELS:
+    for name, model_id, factory, _ in gpu_generation.MODELS:
         # The bare pipeline first, then freed: the replica builds its own on the same GPU.
         flops_per_image, bare_rates = _bare_gpu_rates(model_id, factory, rounds)
         torch.cuda.empty_cache()

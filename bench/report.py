@@ -31,7 +31,7 @@ CPU_ROWS: tuple[str, ...] = (
     "generation end to end vs bare pipeline: API, S3 storage (moto)",
     "generation end to end vs bare pipeline: API, S3 storage (moto), no base64",
     "4-view turnaround from a reference via API vs bare pipeline",
-    "cross-request batching: 8 one-image requests via API + worker vs bare 2 x 4",
+    "cross-request batching: 8 one-image requests via API + worker vs bare 1 x 8",
     "worker path overhead: 4-image request via worker vs in-process",
     "/health p99 while the worker generates vs idle (API, worker mode)",
     "/health max while the worker generates vs idle (API, worker mode)",

@@ -270,6 +270,7 @@ def test_repeated_out_of_memory_falls_back_and_readiness_reports_it(
         "warnings": [
             "local: out of memory on the last 3 generations; requests fall back to replicate"
         ],
+        "reference_images": {"local": 0, "replicate": 4},  # SDXL-Turbo; klein on Replicate
     }
 
 

@@ -73,7 +73,12 @@ def test_not_ready_until_the_local_model_has_loaded(make_api: Callable[..., ApiH
     api.client.post(GENERATE, json=BODY)  # waits for the load
     after = api.client.get("/ready")
     assert after.status_code == 200
-    assert after.json() == {"status": "ready", "problems": [], "warnings": []}
+    assert after.json() == {
+        "status": "ready",
+        "problems": [],
+        "warnings": [],
+        "reference_images": {"local": 0},  # the tiny SDXL-Turbo takes none
+    }
 
 
 def test_ready_with_replicate_alone_and_not_ready_without_any_generator(

@@ -171,27 +171,13 @@ def sdxl_turbo() -> Any:
 def flux2_klein_4b() -> Any:
     """FLUX.2 [klein] 4B: 5 double and 20 single blocks (24 heads of 128), Qwen3-4B as the
     text encoder (three of its hidden layers side by side: 7680), the 32-channel FLUX.2 VAE."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tools.make_tiny_model import _byte_level_qwen_tokenizer
+    from tools.make_tiny_model import _byte_level_qwen_tokenizer, flux2_scheduler
 
     with torch.device("cpu"):  # schedulers keep host arrays
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-            time_shift_type="exponential",
-        )
+        scheduler = flux2_scheduler()
     return Flux2KleinPipeline(
         scheduler=scheduler,
         vae=AutoencoderKLFlux2(),  # the defaults are FLUX.2's VAE

@@ -228,17 +228,12 @@ class GenerateCharacterReferenceRequest(BaseModel):
 
     @field_validator("num_images")
     @classmethod
-    def _as_many_as_views(cls, value: int, info: ValidationInfo) -> int:
+    def _fits_the_views(cls, value: int, info: ValidationInfo) -> int:
         views = info.data.get("views")
+        if views is None and value > MAX_IMAGES:
+            raise ValueError(f"must be at most {MAX_IMAGES} (views may ask for up to {MAX_VIEWS})")
         if views is not None and value != len(views):
             raise ValueError(f"must be left out, or be {len(views)} (one image per view)")
-        return value
-
-    @field_validator("num_images")
-    @classmethod
-    def _at_most_four_without_views(cls, value: int, info: ValidationInfo) -> int:
-        if info.data.get("views") is None and value > MAX_IMAGES:
-            raise ValueError(f"must be at most {MAX_IMAGES} (views may ask for up to {MAX_VIEWS})")
         return value
 
     @property

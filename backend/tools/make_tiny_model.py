@@ -175,15 +175,26 @@ def _byte_level_qwen_tokenizer() -> Any:
 KLEIN_TRANSFORMER_SCALE = 4.0
 
 
+def flux2_scheduler() -> Any:
+    """The flow-matching scheduler FLUX.2 [klein] ships with (dynamic, exponential shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
 def build_flux2_klein(path: Path) -> Path:
     """A tiny Flux2KleinPipeline (step-distilled, takes reference images) saved at `path`."""
     import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(_SEED)
@@ -220,16 +231,7 @@ def build_flux2_klein(path: Path) -> Path:
         for parameter in transformer.parameters():
             parameter.mul_(KLEIN_TRANSFORMER_SCALE)
     pipeline = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-            time_shift_type="exponential",
-        ),
+        scheduler=flux2_scheduler(),
         vae=AutoencoderKLFlux2(
             block_out_channels=(8, 8, 16, 16),
             layers_per_block=1,

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from fastapi import Depends, FastAPI, Security
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
@@ -22,9 +22,9 @@ from middleware import (
     RequestContextMiddleware,
 )
 from observability import configure_logging
-from routers import debug, generations, jobs, mv, system
-from routers.deps import API_KEY_SCHEME, check_path_ids
-from routers.errors import classify_error, install_error_handlers, install_error_schema
+from routers import debug, generations, jobs, mv, openapi, system
+from routers.deps import check_path_ids
+from routers.errors import classify_error, install_error_handlers
 from routers.upload_limits import MAX_JSON_BODY_BYTES, UPLOAD_PATH
 from services.asset_persistence import (
     SWEEP_INTERVAL_SECONDS,
@@ -188,22 +188,15 @@ def create_app(
         version=__version__,
         description="Character reference images, their storage, video jobs and their assets.",
         lifespan=lifespan,
+        **openapi.DOCUMENT_OPTIONS,
         # The backend exports Prometheus metrics and JSON logs of its own and sets up no
         # OpenTelemetry provider; FastAPI's bridge to one would still ask on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
-    install_error_schema(app)
-    # Routes under /api get the API key scheme in the OpenAPI schema when keys are set
-    # (ApiKeyMiddleware enforces it), and bind path ids to their log lines.
+    openapi.install(app, settings.public_base_url)
+    # Path ids are checked before any route runs, and bound to the request's log lines.
     api_dependencies = [Depends(check_path_ids)]
-    api_responses: dict[int | str, dict[str, str]] = {}
-    if settings.api_key_values:
-        api_dependencies.append(Security(API_KEY_SCHEME))
-        api_responses[401] = {"description": "X-API-Key is missing or not a valid key"}
-        api_responses[403] = {
-            "description": "a signed URL (expires, signature) changed, expired or for another route"
-        }
     app.include_router(system.router)
     # The studio: a page to try the API in a browser (plain files, no build step, no CDN).
     app.mount("/studio", StaticFiles(directory=STUDIO_DIR, html=True), name="studio")
@@ -211,7 +204,7 @@ def create_app(
     if settings.debug_endpoints:
         api_routers.append(debug.router)
     for router in api_routers:
-        app.include_router(router, dependencies=api_dependencies, responses=api_responses)
+        app.include_router(router, dependencies=api_dependencies)
     # In front of every route: the image GETs' express routes (routers/express.py).
     app.router.routes[:0] = mv.EXPRESS_ROUTES
     # Added innermost first: the request context wraps CORS, which wraps the key check.

@@ -16,7 +16,8 @@ from pydantic import (
     model_validator,
 )
 
-from mv.ids import parse_image_id, parse_job_id
+from mv.ids import JobIdText, UuidText, parse_image_id, parse_job_id
+from mv.replies import Reply
 
 MAX_DESCRIPTION_CHARS = 2000
 MAX_IMAGES = 4
@@ -138,7 +139,7 @@ Description = Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHAR
 
 
 ReferenceImageIds = Annotated[
-    list[str],
+    list[UuidText],
     Field(
         min_length=1,
         max_length=MAX_REFERENCE_IMAGES,
@@ -174,7 +175,7 @@ class GenerateCharacterReferenceRequest(BaseModel):
     negative_prompt: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
     output_format: OutputFormat = "png"
     backend: GeneratorName | None = None
-    job_id: str | None = None
+    job_id: JobIdText | None = None
     include_base64: StrictBool = True
 
     @field_validator("character_description")
@@ -247,10 +248,10 @@ class GenerateCharacterReferenceRequest(BaseModel):
 THUMBNAIL_URL_DESCRIPTION = "a WebP of at most 256 px on its long side, made on first request"
 
 
-class CharacterReferenceImage(BaseModel):
+class CharacterReferenceImage(Reply):
     """One stored candidate image."""
 
-    id: str
+    id: UuidText
     path: str = Field(description="storage key, the same in every storage mode")
     url: str = Field(description="where to fetch the bytes: presigned in S3 mode, else the API")
     cloud_url: str | None = Field(description="presigned S3 URL; null in local mode or pending")
@@ -263,7 +264,7 @@ class CharacterReferenceImage(BaseModel):
     content_type: str
 
 
-class GenerationMetadata(BaseModel):
+class GenerationMetadata(Reply):
     """How a set of candidates was made."""
 
     character_description: str
@@ -273,7 +274,7 @@ class GenerationMetadata(BaseModel):
     backend: GeneratorName
     fallback_reason: str | None
     aspect_ratio: str
-    reference_image_ids: list[str] | None = Field(
+    reference_image_ids: list[UuidText] | None = Field(
         default=None, description="the stored images the character was made from"
     )
     parameters_used: dict[str, Any]
@@ -281,17 +282,17 @@ class GenerationMetadata(BaseModel):
     generation_timestamp: datetime
 
 
-class GenerateCharacterReferenceResponse(BaseModel):
+class GenerateCharacterReferenceResponse(Reply):
     """Reply of POST /api/mv/generate_character_reference."""
 
     images: list[CharacterReferenceImage]
     metadata: GenerationMetadata
 
 
-class UploadedCharacterReference(BaseModel):
+class UploadedCharacterReference(Reply):
     """Reply of POST /api/mv/upload_character_reference."""
 
-    id: str
+    id: UuidText
     path: str
     url: str
     cloud_url: str | None
@@ -303,10 +304,10 @@ class UploadedCharacterReference(BaseModel):
     sha256: str
 
 
-class CloudImageLocation(BaseModel):
+class CloudImageLocation(Reply):
     """Reply of GET /api/mv/get_character_reference/{image_id} when serving from S3."""
 
-    image_id: str
+    image_id: UuidText
     image_url: str
     storage_backend: Literal["s3"] = "s3"
     expires_in_seconds: int

@@ -12,6 +12,9 @@ from mv.character_reference import (
     GenerateCharacterReferenceRequest,
     GenerateCharacterReferenceResponse,
 )
+from mv.errors import ErrorName
+from mv.ids import UuidText
+from mv.replies import REPLY_CONFIG, Reply
 
 MAX_WEBHOOK_URL_CHARS = 2048
 GenerationState = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -20,14 +23,14 @@ GenerationState = Literal["queued", "running", "succeeded", "failed", "canceled"
 class GenerationFailure(BaseModel):
     """Why a generation failed: the error name and message the sync route would have sent."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **REPLY_CONFIG)
 
-    error: str
+    error: ErrorName
     message: str
     status_code: int = Field(ge=400, le=599)
 
 
-class GenerationProgressInfo(BaseModel):
+class GenerationProgressInfo(Reply):
     """How far a running generation is: diffusion steps (local) or finished images (Replicate)."""
 
     step: int = Field(ge=0)
@@ -63,7 +66,7 @@ class AsyncGenerateCharacterReferenceRequest(GenerateCharacterReferenceRequest):
         return GenerateCharacterReferenceRequest(**self.model_dump(exclude={"webhook_url"}))
 
 
-class WebhookDelivery(BaseModel):
+class WebhookDelivery(Reply):
     """What happened to a generation's webhook."""
 
     status: Literal["pending", "delivered", "failed", "refused"] = Field(
@@ -75,10 +78,10 @@ class WebhookDelivery(BaseModel):
     last_error: str | None = Field(default=None, description="of the last failed attempt")
 
 
-class GenerationStatus(BaseModel):
+class GenerationStatus(Reply):
     """A generation as clients see it: reply of the status URL, and webhook payload."""
 
-    generation_id: str
+    generation_id: UuidText
     status: GenerationState
     status_url: str
     queue_position: int | None = Field(

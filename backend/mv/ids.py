@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Annotated
+
+from pydantic import Field
 
 from echo import shown
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 _JOB_ID = re.compile(JOB_ID_PATTERN)
+
+# Id fields of the models (image and generation ids are UUIDs), typed as such in the OpenAPI
+# document; the validators check them with parse_image_id / parse_job_id (one rule, one error).
+UuidText = Annotated[str, Field(json_schema_extra={"format": "uuid"})]
+JobIdText = Annotated[str, Field(json_schema_extra={"pattern": JOB_ID_PATTERN})]
 
 
 class InvalidKeyError(ValueError):

@@ -9,7 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mv.ids import parse_image_id, parse_job_id
+from mv.ids import JobIdText, UuidText, parse_image_id, parse_job_id
+from mv.replies import Reply
 
 MAX_METADATA_BYTES = 16 * 1024
 MAX_IMAGES_PER_ATTACH = 16
@@ -20,7 +21,7 @@ class CreateJobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str | None = Field(
+    job_id: JobIdText | None = Field(
         default=None, description="[A-Za-z0-9][A-Za-z0-9_-]{0,127}; generated when absent"
     )
     metadata: dict[str, Any] = Field(
@@ -45,7 +46,7 @@ class AttachCharacterReferencesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_ids: list[str] = Field(min_length=1, max_length=MAX_IMAGES_PER_ATTACH)
+    image_ids: list[UuidText] = Field(min_length=1, max_length=MAX_IMAGES_PER_ATTACH)
 
     @field_validator("image_ids")
     @classmethod
@@ -62,7 +63,7 @@ class JobRecord(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class JobAsset(BaseModel):
+class JobAsset(Reply):
     """One file of a job, from its manifest, with a URL that serves it."""
 
     path: str = Field(description="relative path inside the job directory")
@@ -71,16 +72,16 @@ class JobAsset(BaseModel):
     sha256: str
     content_type: str
     url: str
-    image_id: str | None = Field(default=None, description="for character references")
+    image_id: UuidText | None = Field(default=None, description="for character references")
     thumbnail_url: str | None = Field(
         default=None, description="for character references: a WebP of at most 256 px"
     )
 
 
-class Job(BaseModel):
+class Job(Reply):
     """A job and every asset its manifest lists."""
 
-    job_id: str
+    job_id: JobIdText
     created_at: datetime | None
     metadata: dict[str, Any]
     character_references: list[JobAsset]

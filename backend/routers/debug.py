@@ -12,7 +12,9 @@ from routers.deps import GenerationPolicyDep, GenerationQueueDep, SettingsDep
 router = APIRouter(prefix="/api/mv", tags=["debug"])
 
 
-@router.get("/config/debug")
+# An operator's page, mounted only with DEBUG_ENDPOINTS: not in the document, which is the
+# same whatever the configuration.
+@router.get("/config/debug", include_in_schema=False)
 async def config_debug(
     settings: SettingsDep, policy: GenerationPolicyDep, queue: GenerationQueueDep
 ) -> dict[str, Any]:

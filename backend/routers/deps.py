@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import APIKeyHeader
 
 from config import Settings
 from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
@@ -20,10 +19,6 @@ from services.generation.service import GenerationService
 from services.jobs import JobService
 from services.metrics import Metrics
 from services.storage import validate_key
-
-# Documents the X-API-Key header in the OpenAPI schema; ApiKeyMiddleware enforces it.
-API_KEY_SCHEME = APIKeyHeader(name="X-API-Key", auto_error=False)
-
 
 # How each path id is checked: a bad one is a 422 naming it, before any handler runs.
 # (generation_id is typed as a UUID in its routes, so FastAPI checks it.)

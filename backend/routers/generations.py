@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
@@ -13,11 +13,13 @@ from routers.deps import (
     GenerationsDep,
     IdempotencyKeyHeader,
 )
+from routers.mv import GENERATION_ERRORS
+from routers.openapi.responses import LOCATION, Responses
 
 router = APIRouter(prefix="/api/mv", tags=["asynchronous generation"])
 
 GenerationId = Annotated[uuid.UUID, Path(description="the id POST returned")]
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such generation"}}
+_NOT_FOUND: Responses = {404: {"description": "no such generation"}}
 
 
 @router.post(
@@ -25,9 +27,9 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such gen
     status_code=202,
     response_model=GenerationStatus,
     responses={
-        429: {"description": "the generation queue is full; see Retry-After"},
+        202: {"headers": {"Location": LOCATION}},
+        **GENERATION_ERRORS,
         422: {"description": "bad input; a webhook_url this server would not call"},
-        503: {"description": "no generator can run; the message says what to configure"},
     },
 )
 async def submit_character_reference_job(
@@ -62,7 +64,10 @@ async def get_character_reference_job(
     response_model=GenerationStatus,
     responses={
         **_NOT_FOUND,
-        202: {"description": "another replica runs it; it stops within a second or so"},
+        202: {
+            "description": "another replica runs it; it stops within a second or so",
+            "model": GenerationStatus,
+        },
         409: {"description": "it already succeeded or failed"},
     },
 )

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel
 
+from mv.character_reference import CloudImageLocation
 from mv.ids import JOB_ID_PATTERN
 from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
+from mv.replies import Reply
 from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep
 from routers.errors import shown
-from routers.mv import THUMBNAIL_RESPONSES, Size, cloud_location
+from routers.mv import SERVED_FILE_PARAMETERS, THUMBNAIL_RESPONSES, Size, cloud_location
+from routers.openapi.responses import IMAGE_TYPES, LOCATION, Responses, served_file
 from routers.serving import REVALIDATE_CACHE, stored_file_response
 from services.asset_persistence import CloudImage
 from services.jobs import JobService
@@ -24,14 +26,17 @@ router = APIRouter(prefix="/api/mv/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id")]
 ImageId = Annotated[uuid.UUID, Path(description="the image's UUID")]
 Redirect = Annotated[bool, Query(description="307 to the presigned URL")]
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job or asset"}}
+_NOT_FOUND: Responses = {404: {"description": "no such job or asset"}}
 
 
 @router.post(
     "",
     status_code=201,
     response_model=Job,
-    responses={409: {"description": "a job with this id exists"}},
+    responses={
+        201: {"headers": {"Location": LOCATION}},
+        409: {"description": "a job with this id exists, or its Idempotency-Key is in use"},
+    },
 )
 async def create_job(
     body: CreateJobRequest,
@@ -82,7 +87,12 @@ async def _job_reference(
     return key, sha256, missing
 
 
-@router.get("/{job_id}/character_references/{image_id}", responses=_NOT_FOUND)
+@router.get(
+    "/{job_id}/character_references/{image_id}",
+    response_class=Response,
+    responses=served_file(IMAGE_TYPES, cloud_model=CloudImageLocation, what="job image"),
+    dependencies=SERVED_FILE_PARAMETERS,
+)
 @router.head("/{job_id}/character_references/{image_id}", include_in_schema=False)
 async def get_job_character_reference(
     job_id: JobId,
@@ -104,6 +114,7 @@ async def get_job_character_reference(
     "/{job_id}/character_references/{image_id}/thumbnail/{size}",
     responses=THUMBNAIL_RESPONSES,
     response_class=Response,
+    dependencies=SERVED_FILE_PARAMETERS,
 )
 @router.head("/{job_id}/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
 async def get_job_character_reference_thumbnail(
@@ -120,7 +131,7 @@ async def get_job_character_reference_thumbnail(
     return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 
 
-class CloudAssetLocation(BaseModel):
+class CloudAssetLocation(Reply):
     """Reply of GET /jobs/{job_id}/assets/{path} when serving from S3."""
 
     path: str
@@ -132,7 +143,15 @@ class CloudAssetLocation(BaseModel):
     content_type: str
 
 
-@router.get("/{job_id}/assets/{path:path}", responses=_NOT_FOUND)
+@router.get(
+    "/{job_id}/assets/{path:path}",
+    response_class=Response,
+    # Any file a job holds; a JSON file of its own is served as itself in local serving.
+    responses=served_file(
+        ("application/octet-stream", "*/*"), cloud_model=CloudAssetLocation, what="job asset"
+    ),
+    dependencies=SERVED_FILE_PARAMETERS,
+)
 @router.head("/{job_id}/assets/{path:path}", include_in_schema=False)
 async def get_job_asset(
     job_id: JobId,

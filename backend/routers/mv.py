@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from enum import IntEnum
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.datastructures import UploadFile
 
 from mv.character_reference import (
@@ -27,6 +27,14 @@ from routers.deps import (
 )
 from routers.errors import FieldError
 from routers.express import UUID_PATTERN, ExpressRoute, service
+from routers.openapi.responses import (
+    GENERATION_ID,
+    IMAGE_TYPES,
+    Responses,
+    conditional_range_headers,
+    served_file,
+    signed_url_parameters,
+)
 from routers.serving import stored_file_response
 from routers.upload_limits import MAX_UPLOAD_BYTES, MULTIPART_OVERHEAD, capped_request, too_large
 from services.asset_persistence import (
@@ -48,22 +56,23 @@ class ThumbnailSize(IntEnum):
 
 
 Size = Annotated[ThumbnailSize, Path(description="long side in px: 256 or 512")]
-THUMBNAIL_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/webp": {}}, "description": "the thumbnail (local serving)"},
-    307: {"description": "redirect to the thumbnail's presigned URL (cloud serving)"},
-    404: {"description": "no image with this id"},
+THUMBNAIL_RESPONSES: Responses = {
+    **served_file(("image/webp",), cloud_model=None, what="thumbnail"),
     415: {"description": "the stored file is not an image that can be thumbnailed"},
-    503: {"description": "storage unreachable and no local copy"},
 }
+# The parameters of every route that serves a stored file.
+SERVED_FILE_PARAMETERS = [Depends(signed_url_parameters), Depends(conditional_range_headers)]
 
-_UNREACHABLE: dict[int | str, dict[str, Any]] = {
+_UNREACHABLE: Responses = {
     503: {"description": "storage unreachable; nothing was lost, try again"},
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
+_ERRORS: Responses = {
     404: {"description": "no image with this id"},
     503: {"description": "storage unreachable and no local copy"},
 }
-_GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+GENERATION_ERRORS: Responses = {
+    404: {"description": "a reference_image_ids entry or the job_id names nothing stored"},
+    409: {"description": "the Idempotency-Key is in use by a request still running"},
     429: {"description": "the generation queue (or the worker tier's) is full; see Retry-After"},
     502: {"description": "the provider failed after retries, or sent an unusable image"},
     503: {"description": "no generator is available; the message says what to configure"},
@@ -94,7 +103,7 @@ _UPLOAD_BODY = {
 @router.post(
     "/generate_character_reference",
     response_model=GenerateCharacterReferenceResponse,
-    responses=_GENERATION_ERRORS,
+    responses={200: {"headers": {"X-Generation-Id": GENERATION_ID}}, **GENERATION_ERRORS},
 )
 async def generate_character_reference(
     body: GenerateCharacterReferenceRequest,
@@ -115,7 +124,12 @@ async def generate_character_reference(
     return reply
 
 
-@router.get("/get_character_reference/{image_id}", responses=_ERRORS)
+@router.get(
+    "/get_character_reference/{image_id}",
+    response_class=Response,
+    responses=served_file(IMAGE_TYPES, cloud_model=CloudImageLocation, what="image"),
+    dependencies=SERVED_FILE_PARAMETERS,
+)
 @router.head("/get_character_reference/{image_id}", include_in_schema=False)
 async def get_character_reference(
     image_id: ImageId,
@@ -134,6 +148,7 @@ async def get_character_reference(
     "/character_references/{image_id}/thumbnail/{size}",
     responses=THUMBNAIL_RESPONSES,
     response_class=Response,
+    dependencies=SERVED_FILE_PARAMETERS,
 )
 @router.head("/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
 async def get_character_reference_thumbnail(

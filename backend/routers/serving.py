@@ -10,8 +10,10 @@ from collections.abc import Callable
 from fastapi import Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
+from routers.errors import error_response
 from services.asset_persistence import CloudImage, LocalImageFile
 from services.storage import ObjectNotFoundError
 
@@ -47,7 +49,8 @@ async def file_response(request: Request, image: LocalImageFile, cache_control: 
         if image.etag in _entity_tags(request.headers.get("if-none-match")):
             return Response(status_code=304, headers=headers)
     # A whole GET of a small file is read at once; ranges and HEAD take Starlette's path.
-    read_whole = request.method == "GET" and "range" not in request.headers
+    range_header = request.headers.get("range")
+    read_whole = request.method == "GET" and range_header is None
     try:
         descriptor, stat, data = await asyncio.to_thread(_open, image.path, read_whole)
     except FileNotFoundError:  # deleted since it was located
@@ -57,7 +60,34 @@ async def file_response(request: Request, image: LocalImageFile, cache_control: 
             image.path, data, stat, media_type=image.content_type, headers=headers
         )
     assert descriptor is not None
-    return OpenedFileResponse(descriptor, stat, media_type=image.content_type, headers=headers)
+    usable_range = range_header is not None and _range_is_valid(range_header, stat.st_size)
+    if usable_range is None:
+        os.close(descriptor)
+        return error_response(
+            416,
+            "RangeNotSatisfiable",
+            f"the range starts beyond the file's {stat.st_size} bytes",
+            **{"Content-Range": f"bytes */{stat.st_size}"},
+        )
+    return OpenedFileResponse(
+        descriptor,
+        stat,
+        media_type=image.content_type,
+        headers=headers,
+        ignore_range=not usable_range,
+    )
+
+
+def _range_is_valid(header: str, size: int) -> bool | None:
+    """Whether a Range header can be served (Starlette's own parser, the one that serves it);
+    None when it asks only for bytes past the end (a 416)."""
+    try:
+        FileResponse._parse_range_header(header, size)
+    except RangeNotSatisfiable:
+        return None
+    except MalformedRangeHeader:
+        return False  # RFC 9110 14.2: a Range the server cannot parse is ignored: a 200
+    return True
 
 
 def _open(
@@ -113,7 +143,13 @@ class OpenedFileResponse(FileResponse):
     chunk_size = CHUNK_BYTES
 
     def __init__(
-        self, descriptor: int, stat: os.stat_result, *, media_type: str, headers: dict[str, str]
+        self,
+        descriptor: int,
+        stat: os.stat_result,
+        *,
+        media_type: str,
+        headers: dict[str, str],
+        ignore_range: bool = False,
     ) -> None:
         # The descriptor's own path: every read Starlette does (ranges included) opens the
         # same file, even after an unlink.
@@ -121,8 +157,11 @@ class OpenedFileResponse(FileResponse):
             f"/proc/self/fd/{descriptor}", stat_result=stat, media_type=media_type, headers=headers
         )
         self._close = weakref.finalize(self, os.close, descriptor)
+        self._ignore_range = ignore_range
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._ignore_range:
+            scope = {**scope, "headers": [h for h in scope["headers"] if h[0] != b"range"]}
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -8,8 +8,9 @@ from typing import Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from mv.replies import Reply
 from routers.deps import AssetsDep, GenerationPolicyDep, MetricsDep
 from services.storage import ChecksHealth
 from version import __version__
@@ -18,13 +19,13 @@ router = APIRouter(tags=["system"])
 STORAGE_CHECK_SECONDS = 5.0
 
 
-class Health(BaseModel):
+class Health(Reply):
     """Liveness: the process is up and serving requests."""
 
     status: str = "ok"
 
 
-class Readiness(BaseModel):
+class Readiness(Reply):
     """Whether the server can do its work, what is missing when it cannot, and what works but
     is degraded."""
 
@@ -38,7 +39,7 @@ class Readiness(BaseModel):
     )
 
 
-class VersionInfo(BaseModel):
+class VersionInfo(Reply):
     """What is running."""
 
     name: str

@@ -94,25 +94,6 @@ def test_no_reply_echoes_more_than_200_characters_of_input(api: ApiHarness) -> N
     assert "x" * 201 not in missing.text
 
 
-def test_the_openapi_document_declares_the_shape_on_every_error(api: ApiHarness) -> None:
-    schema = api.client.get("/openapi.json").json()
-    components = schema["components"]["schemas"]
-    assert "HTTPValidationError" not in components
-    assert components["ErrorReply"]["properties"]["detail"]["$ref"].endswith("/ErrorDetail")
-    assert "fields" in components["ValidationErrorDetail"]["required"]
-    declared = 0
-    for path, operations in schema["paths"].items():
-        for method, operation in operations.items():
-            for status, response in operation["responses"].items():
-                if status[0] not in "45":
-                    continue
-                ref = response["content"]["application/json"]["schema"]["$ref"]
-                expected = "ValidationErrorReply" if status == "422" else "ErrorReply"
-                assert ref.endswith(f"/{expected}"), (method, path, status)
-                declared += 1
-    assert declared > 20
-
-
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 def test_docs_pages_load_their_assets_from_the_server(api: ApiHarness, page: str) -> None:
     html = api.client.get(page)

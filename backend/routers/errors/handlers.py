@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from echo import MAX_ECHOED_CHARS
+from mv.errors import ErrorName
 from mv.generation_jobs import GenerationFailure
 from mv.ids import InvalidKeyError
 from routers.errors.shape import (
@@ -49,7 +49,7 @@ from services.webhooks import WebhookRefusedError
 logger = logging.getLogger(__name__)
 
 # (error class, HTTP status, error name); the first match wins, so subclasses come first.
-_STATUS: list[tuple[type[Exception], int, str]] = [
+_STATUS: list[tuple[type[Exception], int, ErrorName]] = [
     (WorkerBusyError, 429, "WorkerBusy"),
     (GenerationBusyError, 429, "QueueFull"),
     (GenerationNotFoundError, 404, "NotFound"),
@@ -144,11 +144,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return validation_response(problems or [FieldProblem(loc=["body"], message="invalid")])
 
 
-def _http_error_name(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
-    except ValueError:
-        return "HttpError"
+# Starlette's own errors by status; the API raises no other (a 400 becomes a 422).
+_HTTP_ERROR_NAMES: dict[int, ErrorName] = {
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "TooLarge",
+    416: "RangeNotSatisfiable",
+}
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -170,7 +172,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
             message = f"{request.method} is not allowed on {path}; allowed: {headers.get('Allow')}"
         else:
             message = str(exc.detail)[:MAX_ECHOED_CHARS]
-        body = error_body(_http_error_name(status), message)
+        body = error_body(_HTTP_ERROR_NAMES.get(status, "HttpError"), message)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

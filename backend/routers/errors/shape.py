@@ -3,48 +3,57 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+
+from mv.errors import ServiceErrorName
 
 
 class FieldProblem(BaseModel):
     """One invalid field of a request."""
 
+    model_config = ConfigDict(extra="forbid")
+
     loc: list[str | int] = Field(description='where the field is: ["body", "num_images"]')
     message: str
 
 
-class ErrorDetail(BaseModel):
+class ServiceErrorDetail(BaseModel):
     """What went wrong: a stable name to branch on and one sentence for people."""
 
-    model_config = ConfigDict(extra="allow")  # some errors add context (e.g. `fields`)
+    model_config = ConfigDict(extra="forbid")
 
-    error: str = Field(description="stable error name, e.g. NotFound, QueueFull")
+    error: ServiceErrorName = Field(description="stable error name, e.g. NotFound, QueueFull")
     message: str
+
+
+class ValidationErrorDetail(BaseModel):
+    """A request the server refused as invalid: which fields, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: Literal["ValidationError"]
+    message: str = Field(description="names the first invalid field")
+    fields: list[FieldProblem]
+
+
+# `error` tells the two apart: only a ValidationError has `fields`.
+ErrorDetail = Annotated[ValidationErrorDetail | ServiceErrorDetail, Field(discriminator="error")]
 
 
 class ErrorReply(BaseModel):
     """The body of every 4xx/5xx reply."""
 
+    model_config = ConfigDict(extra="forbid")
+
     detail: ErrorDetail
 
 
-class ValidationErrorDetail(ErrorDetail):
-    """A 422: which fields are invalid and why."""
-
-    fields: list[FieldProblem]
-
-
-class ValidationErrorReply(BaseModel):
-    """The body of a 422 reply."""
-
-    detail: ValidationErrorDetail
-
-
 def error_body(error: str, message: str, **extra: Any) -> dict[str, Any]:
-    """The JSON body of an error reply."""
+    """The JSON body of an error reply; `error` is one of mv.errors.ErrorName (the API's) or a
+    name of the worker tier's own internal API."""
     return {"detail": {"error": error, "message": message, **extra}}
 
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mv.ids import UuidText
+from mv.replies import REPLY_CONFIG
 from services.storage import validate_key
 
 # The manifest category of a job's character references (other files: their top-level folder).
@@ -39,7 +41,9 @@ class GenerationDetails(BaseModel):
 class CharacterReferenceRecord(GenerationDetails):
     """The metadata sidecar stored at character_references/{image_id}.json."""
 
-    id: str
+    model_config = REPLY_CONFIG  # also the reply of GET .../metadata
+
+    id: UuidText
     width: int | None = None
     height: int | None = None
     content_type: str

@@ -1,0 +1,126 @@
+"""The OpenAPI document as generated clients need it, whatever the server's configuration.
+
+FastAPI builds it from the routes; `finish` then adds what every operation shares: the error
+shape on every 4xx/5xx, the statuses middleware sends (401, 403, 413, 500), the security
+schemes, and the headers every reply carries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.routing import APIRoute
+
+from routers.errors import ErrorReply
+from routers.openapi.responses import RETRY_AFTER, header
+
+_REF = "#/components/schemas/{model}"
+# FastAPI's own 422 schemas, which the app never sends.
+_REPLACED = ("HTTPValidationError", "ValidationError")
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorReply")}}}
+_REQUEST_ID = {"$ref": "#/components/headers/X-Request-ID"}
+
+SECURITY_SCHEMES: dict[str, Any] = {
+    "ApiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "needed on every /api route when the server has API_KEYS set",
+    },
+    "SignedUrl": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "signature",
+        "description": "a URL the server signed (`expires` and `signature`, as the API's own "
+        "image URLs carry them): a GET of exactly that URL needs no X-API-Key",
+    },
+}
+HEADERS: dict[str, Any] = {
+    "X-Request-ID": header(
+        "the request's id in the server's logs (the client's own X-Request-ID when well-formed)",
+        required=True,
+    ),
+}
+TAGS: list[dict[str, Any]] = [
+    {
+        "name": "character references",
+        "description": "Generate candidate images of a character (from a description, or from "
+        "stored references), upload your own, and serve them: bytes, thumbnails, metadata.",
+    },
+    {
+        "name": "asynchronous generation",
+        "description": "The same generation as a job: 202 at once, then poll or get a webhook; "
+        "cancel while it runs.",
+    },
+    {
+        "name": "jobs",
+        "description": "Video jobs: create them, attach character references, read their assets.",
+    },
+    {"name": "system", "description": "Liveness, readiness, version and Prometheus metrics."},
+]
+
+
+def operation_id(route: APIRoute) -> str:
+    """A short, stable operation id: the route function's name in camelCase."""
+    first, *rest = route.name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
+def finish(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the shared parts every operation declares."""
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in _REPLACED:
+        schemas.pop(name, None)
+    error_schema = ErrorReply.model_json_schema(ref_template=_REF)
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas["ErrorReply"] = error_schema
+    components["securitySchemes"] = SECURITY_SCHEMES
+    components["headers"] = HEADERS
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            _finish_operation(path, operation)
+    return document
+
+
+def _finish_operation(path: str, operation: dict[str, Any]) -> None:
+    responses: dict[str, Any] = operation["responses"]
+    signed = any(param["name"] == "signature" for param in operation.get("parameters", []))
+    if path.startswith("/api/"):
+        operation["security"] = [{"ApiKey": []}, *([{"SignedUrl": []}] if signed else [])]
+        responses.setdefault(
+            "401",
+            {
+                "description": "no valid X-API-Key (when the server has API_KEYS set)",
+                "headers": {"WWW-Authenticate": header("ApiKey", required=True)},
+            },
+        )
+        if signed:
+            responses.setdefault(
+                "403", {"description": "the signed URL was changed, has expired, or is another's"}
+            )
+    else:
+        operation["security"] = []  # public
+    if "requestBody" in operation:
+        responses.setdefault("413", {"description": "the request body is too large"})
+    responses.setdefault("500", {"description": "internal error; the server log has the details"})
+    for status, response in responses.items():
+        headers = response.setdefault("headers", {})
+        if status[0] in "45" and _is_error_shaped(response):
+            response["content"] = _ERROR_CONTENT
+            if status == "429":
+                headers["Retry-After"] = RETRY_AFTER
+            elif status in ("409", "503"):  # a conflict or outage that may pass
+                headers["Retry-After"] = {**RETRY_AFTER, "required": False}
+        headers["X-Request-ID"] = _REQUEST_ID
+    operation["responses"] = dict(sorted(responses.items()))
+
+
+def _is_error_shaped(response: dict[str, Any]) -> bool:
+    """Whether a 4xx/5xx reply is in the error shape: the route declared no body of its own
+    (FastAPI's default 422 body is replaced)."""
+    content = response.get("content")
+    if not content:
+        return True
+    schema = content.get("application/json", {}).get("schema", {})
+    return schema.get("$ref", "").rpartition("/")[2] in _REPLACED

@@ -1,12 +1,15 @@
 """Schema fuzzing: schemathesis drives every operation of the app's own OpenAPI schema, in
-local and S3 mode, with API keys on, over real HTTP to a uvicorn server on 127.0.0.1.
+local and S3 mode (serving bytes, and serving from the cloud), with API keys on, over real HTTP
+to a uvicorn server on 127.0.0.1.
 
 Every reply must be a non-5xx that matches the schema: a documented status, content type,
-headers and body. Data the schema calls invalid must be refused.
+headers and body (JSON against its schema; binary bodies are what their type says, whole).
+Data the schema calls invalid must be refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,9 +43,39 @@ CHECKS = [
     negative_data_rejection,
 ]
 EXAMPLES_PER_OPERATION = 25
+# The leading bytes of each binary type the API serves.
+MAGIC = {
+    "image/png": lambda body: body.startswith(b"\x89PNG\r\n\x1a\n"),
+    "image/jpeg": lambda body: body.startswith(b"\xff\xd8\xff"),
+    "image/webp": lambda body: body[:4] == b"RIFF" and body[8:12] == b"WEBP",
+}
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
-@pytest.fixture(scope="module", params=["local", "s3"])
+def binary_body_conformance(ctx: Any, response: Any, case: Any) -> None:
+    """A binary reply is whole and what its type says: Content-Length is its size, a 200
+    image starts with its format's signature, a 206 holds exactly the bytes Content-Range names,
+    a 304 has no body and a 307 points at an absolute URL."""
+    headers = {name: values[-1] for name, values in response.headers.items()}
+    body: bytes = response.content
+    media_type = headers.get("content-type", "").partition(";")[0]
+    if response.status_code in (200, 206) and media_type != "application/json":
+        assert int(headers["content-length"]) == len(body), "Content-Length is not the body's size"
+    if response.status_code == 200 and media_type in MAGIC:
+        assert MAGIC[media_type](body), f"a 200 {media_type} body is not {media_type}"
+    if response.status_code == 206 and media_type != "multipart/byteranges":
+        first, last, size = map(int, CONTENT_RANGE.fullmatch(headers["content-range"]).groups())
+        assert len(body) == last - first + 1 and last < size, "206 body and Content-Range differ"
+    if response.status_code == 304:
+        assert body == b"", "a 304 has a body"
+    if response.status_code == 307:
+        assert headers["location"].startswith("http"), "a 307 Location is not an absolute URL"
+
+
+CHECKS.append(binary_body_conformance)
+
+
+@pytest.fixture(scope="module", params=["local", "s3", "cloud"])
 def fuzz_target(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -69,11 +102,12 @@ def _live_target(
         "url_signing_secret": TEST_SIGNING_SECRET,
         "max_queued_generations": 64,
     }
-    if request.param == "s3":
+    if request.param in ("s3", "cloud"):
         endpoint = request.getfixturevalue("moto_endpoint")
         bucket = new_bucket_name()
         make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         overrides.update(storage_backend="s3", storage_bucket=bucket, aws_endpoint_url=endpoint)
+        overrides["serve_from_cloud"] = request.param == "cloud"
     settings_: Settings = load_settings(_env_file=REPO_ROOT / ".env.test", **overrides)
     app = create_app(settings_)
     with serve(app) as base_url:
@@ -91,7 +125,12 @@ def _live_target(
             )
             assert attach.status_code == 200
             served = client.get("/openapi.json").json()
-        yield {"mode": request.param, "base_url": base_url, "openapi": served}
+        yield {
+            "mode": request.param,
+            "base_url": base_url,
+            "openapi": served,
+            "image_id": image_id,
+        }
 
 
 def _served_schema() -> Any:
@@ -119,6 +158,57 @@ def test_every_operation_answers_within_its_schema(case: Any, fuzz_target: dict[
         checks=CHECKS,
         timeout=60,
     )
+
+
+SERVED_FILES = [
+    ("/api/mv/get_character_reference/{image_id}", {}),
+    ("/api/mv/character_references/{image_id}/thumbnail/{size}", {"size": 256}),
+    ("/api/mv/jobs/{job_id}/character_references/{image_id}", {"job_id": "fuzz-job"}),
+    (
+        "/api/mv/jobs/{job_id}/character_references/{image_id}/thumbnail/{size}",
+        {"job_id": "fuzz-job", "size": 512},
+    ),
+    ("/api/mv/jobs/{job_id}/assets/{path}", {"job_id": "fuzz-job"}),
+]
+# Ways a client asks for a file: whole, redirected, in part, conditionally.
+FILE_REQUESTS = {
+    "plain": ({}, {}),
+    "redirect": ({"redirect": True}, {}),
+    "range": ({}, {"Range": "bytes=0-99"}),
+    "ranges": ({}, {"Range": "bytes=0-9,20-29"}),
+    "range past the end": ({}, {"Range": "bytes=99999999-"}),
+    "malformed range": ({}, {"Range": "lines=1-2"}),
+    "current etag": ({}, {"If-None-Match": "CURRENT"}),
+    "stale etag": ({}, {"If-None-Match": '"stale"'}),
+}
+
+
+@pytest.mark.parametrize("path", [path for path, _ in SERVED_FILES])
+def test_served_files_match_the_schema_however_they_are_asked_for(
+    path: str, fuzz_target: dict[str, Any]
+) -> None:
+    """Fuzzed ids name no stored file; these calls name one, in every way a client may ask
+    (the bytes, a redirect, ranges, If-None-Match), and validate each reply as the fuzzing does."""
+    image_id = fuzz_target["image_id"]
+    parameters = {"image_id": image_id, **dict(SERVED_FILES)[path]}
+    if "{path}" in path:
+        parameters = {"job_id": "fuzz-job", "path": f"character_reference/{image_id}.png"}
+    operation = schema[path]["GET"]
+    statuses = set()
+    for query, headers in FILE_REQUESTS.values():
+        headers = {"X-API-Key": API_KEY, **headers}
+        if headers.get("If-None-Match") == "CURRENT":
+            first = operation.Case(path_parameters=parameters, headers={"X-API-Key": API_KEY})
+            (etag,) = first.call(base_url=fuzz_target["base_url"]).headers.get("etag", ['"none"'])
+            headers["If-None-Match"] = etag
+        case = operation.Case(path_parameters=parameters, query=query, headers=headers)
+        reply = case.call_and_validate(base_url=fuzz_target["base_url"], checks=CHECKS)
+        statuses.add(reply.status_code)
+    if fuzz_target["mode"] == "cloud":
+        expected = {307} if "thumbnail" in path else {200, 307}
+    else:
+        expected = {200, 206, 304, 416}
+    assert statuses == expected
 
 
 def test_no_operation_under_api_answers_without_the_key(fuzz_target: dict[str, Any]) -> None:

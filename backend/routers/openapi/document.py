@@ -84,6 +84,8 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish_operation(path: str, operation: dict[str, Any]) -> None:
+    for parameter in operation.get("parameters", []):
+        _not_nullable(parameter)
     responses: dict[str, Any] = operation["responses"]
     signed = any(param["name"] == "signature" for param in operation.get("parameters", []))
     if path.startswith("/api/"):
@@ -124,3 +126,15 @@ def _is_error_shaped(response: dict[str, Any]) -> bool:
         return True
     schema = content.get("application/json", {}).get("schema", {})
     return schema.get("$ref", "").rpartition("/")[2] in _REPLACED
+
+
+def _not_nullable(parameter: dict[str, Any]) -> None:
+    """An optional parameter is left out, never sent as null: `T | None` in the route's
+    signature is declared as plain `T`."""
+    schema = parameter.get("schema", {})
+    variants = schema.get("anyOf", [])
+    if parameter.get("required") or len(variants) != 2 or {"type": "null"} not in variants:
+        return
+    (kept,) = [variant for variant in variants if variant != {"type": "null"}]
+    schema.pop("anyOf")
+    parameter["schema"] = {**kept, **schema}

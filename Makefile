@@ -30,6 +30,20 @@ $(VENV)/.dev-installed: requirements.txt requirements-worker.txt requirements-de
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $(VENV)/.runtime-installed $(VENV)/.worker-installed $@
 
+# The contract tests' Node tools (TypeScript client generation, tsc, Redocly), pinned by
+# package-lock.json; without npm those tests skip, saying so.
+CONTRACT := backend/test/contract
+NODE_TOOLS := $(VENV)/contract
+
+$(NODE_TOOLS)/.installed: $(CONTRACT)/package.json $(CONTRACT)/package-lock.json | $(BIN)/python
+	@if command -v npm >/dev/null; then \
+		mkdir -p $(NODE_TOOLS) && \
+		cp $(CONTRACT)/package.json $(CONTRACT)/package-lock.json $(NODE_TOOLS)/ && \
+		npm ci --prefix $(NODE_TOOLS) --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "npm not found: the TypeScript contract tests will skip" >&2; \
+	fi
+
 run: $(VENV)/.runtime-installed
 	cd backend && ../$(BIN)/python -m server --host $(HOST) --port $(PORT)
 
@@ -48,7 +62,7 @@ run-tiny: tiny-model
 worker: $(VENV)/.worker-installed
 	cd backend && ../$(BIN)/python -m gpu_worker --host $(WORKER_HOST)
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.dev-installed $(NODE_TOOLS)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd backend && $(PRIVATE_NETWORK) ../$(BIN)/python -m pytest

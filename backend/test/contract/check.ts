@@ -78,8 +78,8 @@ assert.equal(created.job_id, jobId);
 assert.equal(created.location, `/api/mv/jobs/${jobId}`);
 const attached = await api.attach(jobId, [image.id, uploaded.id]);
 assert.deepEqual(
-  attached.character_references.map((asset) => asset.image_id),
-  [image.id, uploaded.id],
+  attached.character_references.map((asset) => asset.image_id).sort(),
+  [image.id, uploaded.id].sort(),
 );
 const job = await api.job(jobId);
 assert.deepEqual(job.metadata, { title: "first video" });
@@ -102,7 +102,11 @@ assert.deepEqual(finished.result?.metadata.reference_image_ids, [image.id]);
 passed.push("async submit and poll");
 
 // The server's Replicate never finishes a prediction: this one runs until it is canceled.
-const held = await api.submit({ character_description: "a robot that never finishes" , backend: "replicate", num_images: 1 });
+const held = await api.submit({
+  character_description: "a robot that never finishes",
+  backend: "replicate",
+  num_images: 1,
+});
 await api.waitFor(held.generation_id, (status) => status.status === "running");
 const canceled = await api.cancel(held.generation_id);
 assert.equal(canceled.status, "canceled");

@@ -31,6 +31,7 @@ from atomic_moto import make_conditional_writes_atomic
 from config import REPO_ROOT, Settings, load_settings
 from fake_replicate import FakeReplicate
 from main import create_app
+from routers.errors import ErrorReply
 from services.asset_persistence import AssetPersistenceService
 from services.generation.base import (
     GeneratedImage,
@@ -204,7 +205,9 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
 
 
 def assert_error_shape(body: Any, error: str | None = None) -> dict[str, Any]:
-    """`body` is `{"detail": {"error", "message", ...}}` (with `error` when given)."""
+    """`body` is `{"detail": {"error", "message", ...}}` (with `error` when given), as the
+    OpenAPI document declares it: one of the error names it lists, no other field."""
+    ErrorReply.model_validate(body)
     detail = body["detail"]
     assert isinstance(detail, dict), body
     assert isinstance(detail["error"], str) and detail["error"]

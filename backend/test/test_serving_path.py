@@ -76,6 +76,24 @@ def test_a_file_of_any_size_is_served_whole_by_range_and_by_head(tmp_path: Path,
             assert type(replies[-1]) is OpenedFileResponse
 
 
+@pytest.mark.parametrize("size", [1000, 3 * CHUNK_BYTES + 7], ids=lambda s: f"{s}B")
+def test_a_range_past_the_end_is_a_416_and_a_malformed_one_is_ignored(
+    tmp_path: Path, size: int
+) -> None:
+    data = os.urandom(size)
+    with TestClient(_file_app(tmp_path / "image.png", data, [])) as client:
+        beyond = client.get("/file", headers={"Range": f"bytes={size}-"})
+        assert beyond.status_code == 416
+        assert_error_shape(beyond.json(), "RangeNotSatisfiable")
+        assert beyond.headers["content-range"] == f"bytes */{size}"
+        # RFC 9110 14.2: a Range the server cannot parse is ignored; the whole file is sent.
+        for malformed in ("lines=1-2", "bytes=", "bytes=9-3", "bytes=x-y"):
+            whole = client.get("/file", headers={"Range": malformed})
+            assert whole.status_code == 200, malformed
+            assert whole.content == data
+            assert "content-range" not in whole.headers
+
+
 def test_a_file_read_whole_sends_the_headers_a_file_response_sends(tmp_path: Path) -> None:
     path = tmp_path / "image.png"
     path.write_bytes(os.urandom(5000))

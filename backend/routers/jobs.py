@@ -146,7 +146,6 @@ class CloudAssetLocation(Reply):
 @router.get(
     "/{job_id}/assets/{path:path}",
     response_class=Response,
-    # Any file a job holds; a JSON file of its own is served as itself in local serving.
     responses=served_file(
         ("application/octet-stream", "*/*"), cloud_model=CloudAssetLocation, what="job asset"
     ),
@@ -161,7 +160,9 @@ async def get_job_asset(
     delivery: ImageDeliveryDep,
     redirect: Redirect = False,
 ) -> Response:
-    """Any file of a job: its bytes, or its presigned URL (JSON or 307) in cloud mode."""
+    """Any file of a job: its bytes, or its presigned URL (JSON or 307) in cloud mode.
+
+    In local serving a JSON file of the job's own is its bytes, as `application/json`."""
     key, sha256 = await jobs.asset_key(job_id, path)
     missing = ObjectNotFoundError(key, f"job {job_id} has no asset {shown(path)}")
     located = await delivery.locate_key(key, sha256, missing)

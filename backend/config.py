@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import socket
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +29,9 @@ _SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD")
 _ORIGIN = re.compile(r"https?://[^\s/?#]+")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MIN_API_KEY_CHARS = 16
+# An API key's owner name (`owner:key` in API_KEYS): what records store and logs show.
+_OWNER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 MIN_SIGNING_SECRET_CHARS = 32
 # WEBHOOK_SECRET in the Standard Webhooks format: `whsec_` and the base64 of the HMAC key.
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -35,6 +40,26 @@ MAX_WEBHOOK_KEY_BYTES = 64
 # Generations one API replica runs at once when a worker tier makes the pixels: enough
 # concurrent requests for the worker to batch across them.
 WORKER_TIER_GENERATION_WORKERS = 16
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """`owner:key,key,...` as key -> owner. A key without a name is its own owner, named by a
+    digest of it (records and logs never hold a key). Raises ValueError saying what is wrong."""
+    owners: dict[str, str] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        owner, separator, key = entry.partition(":")
+        if not separator:
+            owner, key = "", entry
+        elif not _OWNER_NAME.fullmatch(owner):
+            raise ValueError("an owner name is 1-64 of A-Z, a-z, 0-9, '_', '.', '@', '-'")
+        if len(key) < MIN_API_KEY_CHARS:
+            raise ValueError(f"each key needs at least {MIN_API_KEY_CHARS} characters")
+        if not key.isascii() or not key.isprintable():
+            raise ValueError("keys must be printable ASCII")
+        if key in owners:
+            raise ValueError("a key is listed twice")
+        owners[key] = owner or "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return owners
 
 
 def _default_instance_name() -> str:
@@ -141,6 +166,10 @@ class Settings(BaseSettings):
 
     # Access and operations
     api_keys: SecretStr | None = None
+    admin_api_keys: SecretStr | None = None
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
     url_signing_secret: SecretStr | None = None
     cors_origins: str = ""
     debug_endpoints: bool = False
@@ -156,6 +185,9 @@ class Settings(BaseSettings):
         "generation_workers",
         "candidate_retention_days",
         "replicate_model",
+        "auth_jwks_url",
+        "auth_issuer",
+        "auth_audience",
         mode="before",
     )
     @classmethod
@@ -194,7 +226,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "replicate_api_token", "webhook_secret", "api_keys", "worker_token", "url_signing_secret"
+        "replicate_api_token",
+        "webhook_secret",
+        "api_keys",
+        "admin_api_keys",
+        "worker_token",
+        "url_signing_secret",
     )
     @classmethod
     def _token_or_unset(cls, value: SecretStr | None) -> SecretStr | None:
@@ -221,17 +258,24 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {MIN_SIGNING_SECRET_CHARS} characters")
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _valid_api_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_api_keys(value.get_secret_value())
+        return value
+
+    @field_validator("auth_jwks_url")
+    @classmethod
+    def _https_jwks_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        keys = [key.strip() for key in value.get_secret_value().split(",")]
-        if any(len(key) < MIN_API_KEY_CHARS for key in keys):
-            raise ValueError(f"each key needs at least {MIN_API_KEY_CHARS} characters")
-        if any(not key.isascii() or not key.isprintable() for key in keys):
-            raise ValueError("keys must be printable ASCII")
-        return value
+        parts = urlsplit(value)
+        if parts.scheme == "https" and parts.hostname:
+            return value
+        if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
+            return value  # a key server on this machine (development, tests)
+        raise ValueError("must be an https:// URL (http:// only on 127.0.0.1 or localhost)")
 
     @field_validator("cors_origins")
     @classmethod
@@ -262,11 +306,20 @@ class Settings(BaseSettings):
         return value
 
     @property
-    def api_key_values(self) -> tuple[str, ...]:
-        """The accepted API keys; empty when API_KEYS is unset (no authentication)."""
-        if self.api_keys is None:
-            return ()
-        return tuple(key.strip() for key in self.api_keys.get_secret_value().split(","))
+    def api_key_owners(self) -> dict[str, str]:
+        """API_KEYS as key -> owner; empty when unset."""
+        return parse_api_keys(self.api_keys.get_secret_value()) if self.api_keys else {}
+
+    @property
+    def admin_key_owners(self) -> dict[str, str]:
+        """ADMIN_API_KEYS (operators) as key -> name; empty when unset."""
+        keys = self.admin_api_keys
+        return parse_api_keys(keys.get_secret_value()) if keys else {}
+
+    @property
+    def authentication_enabled(self) -> bool:
+        """Whether /api requests need a key, a bearer token or a signed URL."""
+        return bool(self.api_keys or self.admin_api_keys or self.auth_jwks_url)
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -292,11 +345,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _operators_apart(self) -> Settings:
+        if set(self.api_key_owners) & set(self.admin_key_owners):
+            raise ValueError("a key is in both API_KEYS and ADMIN_API_KEYS")
+        return self
+
+    @model_validator(mode="after")
+    def _jwt_settings_together(self) -> Settings:
+        given = [self.auth_jwks_url, self.auth_issuer, self.auth_audience]
+        if any(given) and not all(given):
+            raise ValueError("AUTH_JWKS_URL, AUTH_ISSUER and AUTH_AUDIENCE must be set together")
+        return self
+
+    @model_validator(mode="after")
     def _api_keys_need_a_signing_secret(self) -> Settings:
         # Image URLs must work in an <img src>, which cannot send X-API-Key: they are signed.
-        if self.api_keys is not None and self.url_signing_secret is None:
+        if self.authentication_enabled and self.url_signing_secret is None:
             raise ValueError(
-                "URL_SIGNING_SECRET (at least 32 characters) must be set when API_KEYS is set"
+                "URL_SIGNING_SECRET (at least 32 characters) must be set when API_KEYS, "
+                "ADMIN_API_KEYS or AUTH_JWKS_URL is set"
             )
         return self
 

@@ -16,7 +16,7 @@ from fastapi_offline import FastAPIOffline
 
 from config import Settings, get_settings, settings_or_exit
 from middleware import (
-    ApiKeyMiddleware,
+    AuthMiddleware,
     BodyLimitMiddleware,
     JsonCORSMiddleware,
     RequestContextMiddleware,
@@ -32,6 +32,7 @@ from services.asset_persistence import (
     sweep_forever,
     url_signer,
 )
+from services.auth import Authenticator, JwtVerifier
 from services.character_references import CharacterReferenceService
 from services.generation.policy import GenerationPolicy, build_generation_policy
 from services.generation.queue import GenerationQueue
@@ -211,10 +212,8 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=MAX_JSON_BODY_BYTES, own_limit_paths={UPLOAD_PATH}
     )
-    if settings.api_key_values:
-        app.add_middleware(
-            ApiKeyMiddleware, keys=settings.api_key_values, signer=url_signer(settings)
-        )
+    # Always: without authentication every request is the one principal (Principal.everyone).
+    app.add_middleware(AuthMiddleware, authenticator=_authenticator(settings))
     origins = settings.cors_origin_list
     if origins:
         app.add_middleware(
@@ -228,6 +227,15 @@ def create_app(
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
+
+
+def _authenticator(settings: Settings) -> Authenticator:
+    verifier = None
+    if settings.auth_jwks_url and settings.auth_issuer and settings.auth_audience:
+        verifier = JwtVerifier(settings.auth_jwks_url, settings.auth_issuer, settings.auth_audience)
+    return Authenticator(
+        settings.api_key_owners, settings.admin_key_owners, verifier, url_signer(settings)
+    )
 
 
 def _webhook_sender(

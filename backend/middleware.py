@@ -1,8 +1,7 @@
-"""ASGI middleware: request ids, access logs and HTTP metrics; API keys on /api routes."""
+"""ASGI middleware: request ids, access logs and HTTP metrics; who a request is on /api."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -17,13 +16,15 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from observability import request_id_var
+from observability import bind, request_id_var
 from routers.errors.shape import error_body, error_response
-from services.asset_persistence import SignatureCheck, UrlSigner
+from services.auth import AuthenticationError, Authenticator
 from services.metrics import Metrics
 
 logger = logging.getLogger("mv.access")
 REQUEST_ID_HEADER = "X-Request-ID"
+# The key of the request's Principal in its ASGI state (request.state.principal).
+PRINCIPAL = "principal"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _INTERNAL_ERROR = json.dumps(
     error_body("InternalError", "internal error; see the server log")
@@ -108,61 +109,39 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class ApiKeyMiddleware:
-    """When keys are configured, every /api request needs a valid X-API-Key header, or, for a
-    GET or HEAD, a valid URL signature (`signer`) for exactly its path.
+class AuthMiddleware:
+    """On /api routes, finds who the request is (`authenticator`) before the body is read,
+    and puts that Principal in the request's state (routes get it from routers.deps); a
+    request that is not let in is answered here, in the error shape, with its challenge."""
 
-    Checked before the body is read; each key is compared in constant time, and all of them
-    are compared, so the reply time does not tell which key came close. A signature that is
-    there but wrong or expired is a 403; no key and no signature, a 401.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        keys: Sequence[str],
-        signer: UrlSigner | None = None,
-        prefix: str = "/api/",
-    ) -> None:
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, prefix: str = "/api/") -> None:
         self.app = app
-        self._keys = [key.encode() for key in keys]
-        self._signer = signer
+        self.authenticator = authenticator
         self.prefix = prefix
 
-    def _accepted(self, offered: str | None) -> bool:
-        candidate = (offered or "").encode()
-        matches = [hmac.compare_digest(candidate, key) for key in self._keys]
-        return offered is not None and any(matches)
-
-    def _signature(self, scope: Scope) -> SignatureCheck:
-        if self._signer is None:
-            return SignatureCheck.ABSENT
-        check = self._signer.check(scope["path"], scope["query_string"].decode("latin-1"))
-        if check is SignatureCheck.VALID and scope["method"] not in ("GET", "HEAD"):
-            return SignatureCheck.INVALID  # signed URLs only ever read
-        return check
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not self._keys
-            or not scope["path"].startswith(self.prefix)
-            or self._accepted(_header(scope, b"x-api-key"))
-        ):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
             await self.app(scope, receive, send)
             return
-        check = self._signature(scope)
-        if check is SignatureCheck.VALID:
-            await self.app(scope, receive, send)
-        elif check is SignatureCheck.EXPIRED:
-            body = error_body("SignatureExpired", "the URL's signature has expired")
-            await _send_json(send, 403, body)
-        elif check is SignatureCheck.INVALID:
-            body = error_body("InvalidSignature", "the URL's signature does not match it")
-            await _send_json(send, 403, body)
-        else:
-            body = error_body("Unauthorized", "a valid X-API-Key header is required")
-            await _send_json(send, 401, body, [(b"www-authenticate", b"ApiKey")])
+        try:
+            principal = await self.authenticator.principal(
+                scope["method"],
+                scope["path"],
+                scope["query_string"].decode("latin-1"),
+                _header(scope, b"x-api-key"),
+                _header(scope, b"authorization"),
+            )
+        except AuthenticationError as refused:
+            headers = (
+                []
+                if refused.challenge is None
+                else [(b"www-authenticate", refused.challenge.encode())]
+            )
+            await _send_json(send, refused.status, error_body(refused.error, str(refused)), headers)
+            return
+        scope.setdefault("state", {})[PRINCIPAL] = principal
+        bind(owner=principal.owner)
+        await self.app(scope, receive, send)
 
 
 async def _send_json(

@@ -16,7 +16,13 @@ job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id"
 generation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "generation_id", default=None
 )
-_CONTEXT = {"request_id": request_id_var, "job_id": job_id_var, "generation_id": generation_id_var}
+owner_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("owner", default=None)
+_CONTEXT = {
+    "request_id": request_id_var,
+    "owner": owner_var,
+    "job_id": job_id_var,
+    "generation_id": generation_id_var,
+}
 # Record attributes that are not extra fields: the standard ones, and uvicorn's copy of the
 # message with ANSI colour codes (for terminals, never for JSON).
 _STANDARD_ATTRIBUTES = set(logging.makeLogRecord({}).__dict__) | {
@@ -39,7 +45,8 @@ KNOWN_NOISE: tuple[tuple[str, str], ...] = (
 
 
 def bind(**ids: object) -> None:
-    """Attach ids (request_id, job_id, generation_id) to every log line of the current task."""
+    """Attach ids (request_id, owner, job_id, generation_id) to every log line of the current
+    task."""
     for name, value in ids.items():
         if value is not None:
             _CONTEXT[name].set(str(value))

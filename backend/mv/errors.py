@@ -21,8 +21,10 @@ ServiceErrorName = Literal[
     "HttpError",
     # access
     "Unauthorized",
+    "InvalidToken",
     "InvalidSignature",
     "SignatureExpired",
+    "IdentityProviderUnavailable",
     # state
     "JobExists",
     "IdempotencyKeyInUse",

@@ -43,7 +43,11 @@ async def config_debug(
             "waiting": queue.depth,
             "workers": queue.workers,
         },
-        "api_keys_required": bool(settings.api_key_values),
+        "api_keys_required": settings.authentication_enabled,
+        "operator_keys": len(settings.admin_key_owners),
+        "bearer_tokens": {"issuer": settings.auth_issuer, "audience": settings.auth_audience}
+        if settings.auth_jwks_url
+        else None,
         "webhooks_enabled": settings.webhook_secret is not None,
         "instance_name": settings.instance_name,
     }

@@ -127,18 +127,19 @@ def test_security_is_declared_on_every_operation(document: dict[str, Any]) -> No
     schemes = document["components"]["securitySchemes"]
     assert schemes["ApiKey"] == {**schemes["ApiKey"], "in": "header", "name": "X-API-Key"}
     assert schemes["SignedUrl"]["in"] == "query"
+    assert schemes["BearerAuth"] == {**schemes["BearerAuth"], "type": "http", "scheme": "bearer"}
     for _, path, operation in operations(document):
         parameters = {parameter["name"] for parameter in operation.get("parameters", [])}
         if not path.startswith("/api/"):
             assert operation["security"] == []
         elif operation["operationId"] in SERVED_FILE_OPERATIONS:
-            assert operation["security"] == [{"ApiKey": []}, {"SignedUrl": []}]
+            assert operation["security"] == [{"ApiKey": []}, {"BearerAuth": []}, {"SignedUrl": []}]
             assert {"expires", "signature", "If-None-Match", "Range"} <= parameters
             assert {"401", "403"} <= set(operation["responses"])
         else:
-            assert operation["security"] == [{"ApiKey": []}]
+            assert operation["security"] == [{"ApiKey": []}, {"BearerAuth": []}]
             assert "signature" not in parameters
-            assert "401" in operation["responses"]
+            assert {"401", "503"} <= set(operation["responses"])
 
 
 def test_served_files_declare_binary_bodies_redirects_and_their_headers(

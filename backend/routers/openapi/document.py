@@ -25,7 +25,14 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "type": "apiKey",
         "in": "header",
         "name": "X-API-Key",
-        "description": "needed on every /api route when the server has API_KEYS set",
+        "description": "an owner's key (API_KEYS) or an operator's (ADMIN_API_KEYS)",
+    },
+    "BearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "a JWT from the identity provider AUTH_JWKS_URL names (its `sub` is "
+        "the owner); accepted when the server has AUTH_JWKS_URL set",
     },
     "SignedUrl": {
         "type": "apiKey",
@@ -89,12 +96,28 @@ def _finish_operation(path: str, operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation["responses"]
     signed = any(param["name"] == "signature" for param in operation.get("parameters", []))
     if path.startswith("/api/"):
-        operation["security"] = [{"ApiKey": []}, *([{"SignedUrl": []}] if signed else [])]
+        operation["security"] = [
+            {"ApiKey": []},
+            {"BearerAuth": []},
+            *([{"SignedUrl": []}] if signed else []),
+        ]
         responses.setdefault(
             "401",
             {
-                "description": "no valid X-API-Key (when the server has API_KEYS set)",
-                "headers": {"WWW-Authenticate": header("ApiKey", required=True)},
+                "description": "no valid X-API-Key or bearer token (when the server asks for "
+                "one): Unauthorized, or InvalidToken saying what is wrong with the token",
+                "headers": {
+                    "WWW-Authenticate": header(
+                        "the schemes it takes: ApiKey, Bearer", required=True
+                    )
+                },
+            },
+        )
+        responses.setdefault(
+            "503",
+            {
+                "description": "storage unreachable, or the identity provider's keys could not be "
+                "fetched to check a bearer token"
             },
         )
         if signed:

@@ -1,0 +1,24 @@
+"""Who makes a request: principals from API keys, operator keys, bearer JWTs or signed URLs.
+
+`principal` defines who; `tokens` verifies bearer JWTs against an identity provider's keys;
+`authenticator` tells, for one request, which principal it is or why it is refused.
+"""
+
+from services.auth.authenticator import AuthenticationError, Authenticator
+from services.auth.principal import Principal
+from services.auth.tokens import (
+    ASYMMETRIC_ALGORITHMS,
+    IdentityProviderUnavailableError,
+    InvalidTokenError,
+    JwtVerifier,
+)
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "AuthenticationError",
+    "Authenticator",
+    "IdentityProviderUnavailableError",
+    "InvalidTokenError",
+    "JwtVerifier",
+    "Principal",
+]

@@ -189,6 +189,23 @@ def test_request_ids_are_returned_and_logged_with_the_generation_id(
     assert polled and all(line["request_id"] != "client-req-7" for line in polled)
 
 
+def test_the_access_log_names_the_owner_never_the_key(
+    make_api: Callable[..., ApiHarness], json_log: io.StringIO
+) -> None:
+    api = make_api(api_keys=f"alice:{KEY},{OTHER_KEY}")
+    for key, request_id in ((KEY, "as-alice"), (OTHER_KEY, "as-unnamed")):
+        headers = {"X-API-Key": key, "X-Request-ID": request_id}
+        assert api.client.get("/api/mv/jobs/j1", headers=headers).status_code == 404
+    access = {
+        line["request_id"]: line
+        for line in log_lines(json_log)
+        if line.get("logger") == "mv.access"
+    }
+    assert access["as-alice"]["owner"] == "alice"
+    assert access["as-unnamed"]["owner"].startswith("key-")
+    assert KEY not in json_log.getvalue() and OTHER_KEY not in json_log.getvalue()
+
+
 def test_bad_or_missing_request_ids_are_replaced(make_api: Callable[..., ApiHarness]) -> None:
     api = make_api()
     generated = api.client.get("/health").headers["X-Request-ID"]

@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mv.principals import PRINCIPAL
 from observability import bind, request_id_var
 from routers.errors.shape import error_body, error_response
 from services.auth import AuthenticationError, Authenticator
@@ -23,8 +24,6 @@ from services.metrics import Metrics
 
 logger = logging.getLogger("mv.access")
 REQUEST_ID_HEADER = "X-Request-ID"
-# The key of the request's Principal in its ASGI state (request.state.principal).
-PRINCIPAL = "principal"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _INTERNAL_ERROR = json.dumps(
     error_body("InternalError", "internal error; see the server log")

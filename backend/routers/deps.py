@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from config import Settings
 from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
+from mv.principals import PRINCIPAL, Principal
 from observability import bind
 from services.asset_persistence import AssetPersistenceService, ImageDelivery
 from services.character_references import CharacterReferenceService
@@ -50,6 +51,11 @@ async def check_path_ids(request: Request) -> None:
 
 # The getters are `async def` on purpose: FastAPI runs a plain `def` dependency on a worker
 # thread, which would cost every request a thread hop per service it uses.
+
+
+async def get_principal(request: Request) -> Principal:
+    """Who the request is (AuthMiddleware put it in the request's state)."""
+    return request.scope["state"][PRINCIPAL]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -97,6 +103,7 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 AssetsDep = Annotated[AssetPersistenceService, Depends(get_assets)]
 CharacterReferencesDep = Annotated[CharacterReferenceService, Depends(get_character_references)]

@@ -12,6 +12,7 @@ from routers.deps import (
     GenerationPolicyDep,
     GenerationsDep,
     IdempotencyKeyHeader,
+    PrincipalDep,
 )
 from routers.mv import GENERATION_ERRORS
 from routers.openapi.responses import LOCATION, Responses
@@ -37,12 +38,13 @@ async def submit_character_reference_job(
     response: Response,
     generations: GenerationsDep,
     policy: GenerationPolicyDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerationStatus:
     """Queue a generation (the sync route's body, plus `webhook_url`); poll `status_url`."""
     policy.check_can_run(body.backend)  # refused now, not when a client polls
     policy.check_references(body.backend, len(body.reference_image_ids or ()))
-    status = await generations.submit(body, idempotency_key)
+    status = await generations.submit(body, idempotency_key, principal)
     response.headers["Location"] = status.status_url
     return status
 
@@ -53,10 +55,10 @@ async def submit_character_reference_job(
     responses=_NOT_FOUND,
 )
 async def get_character_reference_job(
-    generation_id: GenerationId, generations: GenerationsDep
+    generation_id: GenerationId, generations: GenerationsDep, principal: PrincipalDep
 ) -> GenerationStatus:
     """queued (with queue_position), running (with progress), succeeded, failed or canceled."""
-    return await generations.status(str(generation_id))
+    return await generations.status(str(generation_id), principal)
 
 
 @router.delete(
@@ -72,10 +74,13 @@ async def get_character_reference_job(
     },
 )
 async def cancel_character_reference_job(
-    generation_id: GenerationId, response: Response, generations: GenerationsDep
+    generation_id: GenerationId,
+    response: Response,
+    generations: GenerationsDep,
+    principal: PrincipalDep,
 ) -> GenerationStatus:
     """Cancel: a queued generation is dropped, a running one stops at its next step."""
-    status = await generations.cancel(str(generation_id))
+    status = await generations.cancel(str(generation_id), principal)
     if status.status != "canceled":
         response.status_code = 202
     return status

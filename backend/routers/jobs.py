@@ -12,7 +12,7 @@ from mv.character_reference import CloudImageLocation
 from mv.ids import JOB_ID_PATTERN
 from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
 from mv.replies import Reply
-from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep
+from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep, PrincipalDep
 from routers.errors import shown
 from routers.mv import SERVED_FILE_PARAMETERS, THUMBNAIL_RESPONSES, Size, cloud_location
 from routers.openapi.responses import IMAGE_TYPES, LOCATION, Responses, served_file
@@ -43,10 +43,11 @@ async def create_job(
     request: Request,
     response: Response,
     jobs: JobsDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Job:
     """Create a video job (`job_id` generated when absent) with optional metadata."""
-    job = await jobs.create(body, idempotency_key)
+    job = await jobs.create(body, idempotency_key, principal)
     response.headers["Location"] = str(request.url_for("get_job", job_id=job.job_id).path)
     return job
 
@@ -72,10 +73,10 @@ async def delete_job(job_id: JobId, jobs: JobsDep) -> Response:
 
 @router.post("/{job_id}/character_references", response_model=Job, responses=_NOT_FOUND)
 async def attach_character_references(
-    job_id: JobId, body: AttachCharacterReferencesRequest, jobs: JobsDep
+    job_id: JobId, body: AttachCharacterReferencesRequest, jobs: JobsDep, principal: PrincipalDep
 ) -> Job:
     """Attach stored character references to the job (idempotent); the job afterwards."""
-    return await jobs.attach(job_id, body.image_ids)
+    return await jobs.attach(job_id, body.image_ids, principal)
 
 
 async def _job_reference(

@@ -23,7 +23,9 @@ from routers.deps import (
     GenerationsDep,
     IdempotencyKeyHeader,
     ImageDeliveryDep,
+    PrincipalDep,
     get_image_delivery,
+    get_principal,
 )
 from routers.errors import FieldError
 from routers.express import UUID_PATTERN, ExpressRoute, service
@@ -110,6 +112,7 @@ async def generate_character_reference(
     response: Response,
     generations: GenerationsDep,
     policy: GenerationPolicyDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> GenerateCharacterReferenceResponse:
     """Generate 1-4 candidate character reference images (or one per view), from the
@@ -119,7 +122,7 @@ async def generate_character_reference(
     """
     policy.check_offered(body.backend)
     policy.check_references(body.backend, len(body.reference_image_ids or ()))
-    generation_id, reply = await generations.generate_now(body, idempotency_key)
+    generation_id, reply = await generations.generate_now(body, idempotency_key, principal)
     response.headers["X-Generation-Id"] = generation_id
     return reply
 
@@ -135,10 +138,11 @@ async def get_character_reference(
     image_id: ImageId,
     request: Request,
     delivery: ImageDeliveryDep,
+    principal: PrincipalDep,
     redirect: Annotated[bool, Query(description="307 to the presigned URL")] = False,
 ) -> Response:
     """A stored image: its presigned S3 URL (JSON, or a 307 redirect) or its bytes."""
-    located = await delivery.locate(str(image_id))
+    located = await delivery.locate(str(image_id), principal)
     return await stored_file_response(
         request, located, redirect=redirect, cloud_reply=cloud_location
     )
@@ -152,13 +156,17 @@ async def get_character_reference(
 )
 @router.head("/character_references/{image_id}/thumbnail/{size}", include_in_schema=False)
 async def get_character_reference_thumbnail(
-    image_id: ImageId, size: Size, request: Request, delivery: ImageDeliveryDep
+    image_id: ImageId,
+    size: Size,
+    request: Request,
+    delivery: ImageDeliveryDep,
+    principal: PrincipalDep,
 ) -> Response:
     """The image as a WebP of at most `size` px on its long side (made on first request);
     in cloud serving, a 307 to its presigned URL."""
-    key, sha256 = await delivery.find(str(image_id))
+    found = await delivery.find(str(image_id), principal)
     missing = CharacterReferenceNotFoundError(str(image_id))
-    located = await delivery.locate_thumbnail(key, sha256, size, missing)
+    located = await delivery.locate_thumbnail(found.key, found.sha256, size, missing)
     return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 
 
@@ -168,25 +176,31 @@ async def get_character_reference_thumbnail(
     response_class=Response,
     responses={404: {"description": "no image with this id"}, **_UNREACHABLE},
 )
-async def delete_character_reference(image_id: ImageId, assets: AssetsDep) -> Response:
+async def delete_character_reference(
+    image_id: ImageId, assets: AssetsDep, principal: PrincipalDep
+) -> Response:
     """Delete a standalone image, its metadata and its thumbnails from every storage tier.
 
     Copies attached to jobs stay (jobs own their files). Safe to repeat: a second delete is a
     404, and a delete that failed half-way is finished by the next one.
     """
-    await assets.delete_character_reference(str(image_id))
+    await assets.delete_character_reference(str(image_id), principal)
     return Response(status_code=204)
 
 
 async def _express_image(request: Request, image_id: str, redirect: bool) -> Response:
     delivery = await service(request, get_image_delivery)
-    return await get_character_reference(uuid.UUID(image_id), request, delivery, redirect)
+    principal = await service(request, get_principal)
+    return await get_character_reference(
+        uuid.UUID(image_id), request, delivery, principal, redirect
+    )
 
 
 async def _express_thumbnail(request: Request, image_id: str, size: str) -> Response:
     delivery = await service(request, get_image_delivery)
+    principal = await service(request, get_principal)
     return await get_character_reference_thumbnail(
-        uuid.UUID(image_id), ThumbnailSize(int(size)), request, delivery
+        uuid.UUID(image_id), ThumbnailSize(int(size)), request, delivery, principal
     )
 
 
@@ -231,7 +245,7 @@ def cloud_location(cloud: CloudImage) -> CloudImageLocation:
     },
 )
 async def upload_character_reference(
-    request: Request, service: CharacterReferencesDep
+    request: Request, service: CharacterReferencesDep, principal: PrincipalDep
 ) -> UploadedCharacterReference:
     """Store a user's own image (multipart field `file`, at most 10 MB, PNG/JPEG/WebP)."""
     capped = capped_request(request, MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD)
@@ -249,7 +263,7 @@ async def upload_character_reference(
         raise FieldError(
             ("body", "character_description"), f"at most {MAX_DESCRIPTION_CHARS} characters"
         )
-    return await service.upload(data, (description or "").strip() or None)
+    return await service.upload(data, (description or "").strip() or None, principal.owner)
 
 
 @router.get(
@@ -258,7 +272,7 @@ async def upload_character_reference(
     responses=_ERRORS,
 )
 async def get_character_reference_metadata(
-    image_id: ImageId, assets: AssetsDep
+    image_id: ImageId, assets: AssetsDep, principal: PrincipalDep
 ) -> CharacterReferenceRecord:
     """The image's metadata sidecar: how it was made, its size, type and sha256."""
-    return await assets.get_character_reference_record(str(image_id))
+    return await assets.get_character_reference_record(str(image_id), principal)

@@ -72,11 +72,14 @@ class CharacterReferenceService:
         self,
         body: GenerateCharacterReferenceRequest,
         progress: GenerationProgress | None = None,
+        owner: str | None = None,
     ) -> GenerateCharacterReferenceResponse:
-        """Generate, encode and store every image of the request, or raise a GenerationError.
+        """Generate, encode and store every image of the request as `owner`'s, or raise a
+        GenerationError.
 
         Reference images are read when the generation starts (from either storage tier), so
         one deleted since the request was queued fails it with CharacterReferenceNotFoundError.
+        Whether the owner may use them was checked when the request was submitted.
         """
         started = time.perf_counter()
         references = await self.load_references(body.reference_image_ids or ())
@@ -106,6 +109,7 @@ class CharacterReferenceService:
             backend=result.backend,
             fallback_reason=outcome.fallback_reason,
             reference_image_ids=list(request.reference_ids) or None,
+            owner=owner,
         )
         stored = await asyncio.gather(
             *(
@@ -178,14 +182,15 @@ class CharacterReferenceService:
         return reply, stored.job_entry
 
     async def upload(
-        self, data: bytes, description: str | None = None
+        self, data: bytes, description: str | None = None, owner: str | None = None
     ) -> UploadedCharacterReference:
-        """Verify a user's image (a real PNG, JPEG or WebP) and store it like a generated one."""
+        """Verify a user's image (a real PNG, JPEG or WebP) and store it like a generated one,
+        as `owner`'s."""
         await asyncio.to_thread(verify_image, data)
         stored = await self.assets.store_character_reference(
             str(uuid.uuid4()),
             data,
-            details=GenerationDetails(description=description, backend="upload"),
+            details=GenerationDetails(description=description, backend="upload", owner=owner),
         )
         return UploadedCharacterReference(
             id=stored.id,

@@ -53,6 +53,7 @@ class IdempotencyRecord(BaseModel):
     fingerprint: str
     resource_id: str | None = None
     created_at: datetime
+    owner: str | None = None  # keys are per owner: the same key of two owners is two records
 
 
 def fingerprint(body: Any) -> str:
@@ -70,9 +71,11 @@ def check_key(key: str) -> str:
     return key
 
 
-def record_key(scope: str, key: str) -> str:
-    """The storage key of a key's record: a fixed-shape hash, whatever the client sent."""
-    return f"{IDEMPOTENCY_PREFIX}/{scope}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+def record_key(scope: str, key: str, owner: str | None = None) -> str:
+    """The storage key of an owner's key's record: a fixed-shape hash, whatever the client
+    sent (without owners, of the key alone)."""
+    scoped = key if owner is None else f"{owner}\n{key}"
+    return f"{IDEMPOTENCY_PREFIX}/{scope}/{hashlib.sha256(scoped.encode()).hexdigest()}.json"
 
 
 @dataclass
@@ -112,7 +115,9 @@ class IdempotencyStore:
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
 
-    async def _claim(self, scope: str, storage_key: str, digest: str) -> tuple[str | None, str]:
+    async def _claim(
+        self, scope: str, storage_key: str, digest: str, owner: str | None
+    ) -> tuple[str | None, str]:
         """(the earlier resource, "") or (None, the version of the reservation made for us)."""
         deadline = time.monotonic() + self.wait_seconds
         delay = 0.02
@@ -123,7 +128,9 @@ class IdempotencyStore:
                 current = None
             record = None if current is None else _parse(current.data)
             if record is None or _is_stale(record):
-                claim = IdempotencyRecord(scope=scope, fingerprint=digest, created_at=utc_now())
+                claim = IdempotencyRecord(
+                    scope=scope, fingerprint=digest, created_at=utc_now(), owner=owner
+                )
                 data = claim.model_dump_json().encode()
                 try:
                     if current is None:
@@ -155,20 +162,22 @@ class IdempotencyStore:
             delay = min(delay * 2, 0.5)
 
     @contextlib.asynccontextmanager
-    async def reserve(self, scope: str, key: str, body: Any) -> AsyncIterator[Reservation]:
-        """Hold the key while the caller creates its resource (or reuses the earlier one).
+    async def reserve(
+        self, scope: str, key: str, body: Any, owner: str | None = None
+    ) -> AsyncIterator[Reservation]:
+        """Hold `owner`'s key while the caller creates its resource (or reuses the earlier one).
 
         Raises IdempotencyKeyError when the key was used with a different body, and
         IdempotencyKeyInUseError when another request has held it for longer than
         `wait_seconds`. If the caller fails, the key is released for a retry.
         """
-        storage_key = record_key(scope, check_key(key))
+        storage_key = record_key(scope, check_key(key), owner)
         digest = fingerprint(body)
         lock = self._locks.setdefault(storage_key, asyncio.Lock())
         self._lock_users[storage_key] = self._lock_users.get(storage_key, 0) + 1
         try:
             async with lock:  # requests in this process queue here instead of polling
-                existing, version = await self._claim(scope, storage_key, digest)
+                existing, version = await self._claim(scope, storage_key, digest, owner)
                 reservation = Reservation(existing)
                 if existing is not None:
                     yield reservation
@@ -178,14 +187,20 @@ class IdempotencyStore:
                 except BaseException:
                     await asyncio.to_thread(self.storage.delete, storage_key)
                     raise
-                await self._complete(scope, storage_key, digest, version, reservation)
+                await self._complete(scope, storage_key, digest, version, reservation, owner)
         finally:
             self._lock_users[storage_key] -= 1
             if not self._lock_users[storage_key]:  # nobody else holds or waits: forget it
                 del self._lock_users[storage_key], self._locks[storage_key]
 
     async def _complete(
-        self, scope: str, storage_key: str, digest: str, version: str, reservation: Reservation
+        self,
+        scope: str,
+        storage_key: str,
+        digest: str,
+        version: str,
+        reservation: Reservation,
+        owner: str | None,
     ) -> None:
         if reservation.created is None:  # nothing was created: free the key
             await asyncio.to_thread(self.storage.delete, storage_key)
@@ -195,6 +210,7 @@ class IdempotencyStore:
             fingerprint=digest,
             resource_id=reservation.created,
             created_at=utc_now(),
+            owner=owner,
         )
         try:
             await asyncio.to_thread(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from mv.ids import parse_image_id, parse_job_id
 from mv.jobs import CreateJobRequest, Job, JobAsset, JobRecord, new_job_id
+from mv.principals import EVERYONE, Principal
 from services.asset_persistence import (
     CHARACTER_REFERENCES_CATEGORY,
     AssetPersistenceService,
@@ -46,12 +47,21 @@ class JobService:
         self.storage = assets.storage
         self.idempotency = idempotency
 
-    async def create(self, body: CreateJobRequest, idempotency_key: str | None = None) -> Job:
-        """Store a new job record; JobExistsError when the id is taken (409)."""
+    async def create(
+        self,
+        body: CreateJobRequest,
+        idempotency_key: str | None = None,
+        principal: Principal = EVERYONE,
+    ) -> Job:
+        """Store a new job record; JobExistsError when the id is taken (409). An
+        Idempotency-Key is `principal`'s own."""
         if idempotency_key is None:
             return await self.get(await self._create(body))
         fingerprinted = body.model_dump(mode="json")
-        async with self.idempotency.reserve(CREATE_SCOPE, idempotency_key, fingerprinted) as slot:
+        reservation = self.idempotency.reserve(
+            CREATE_SCOPE, idempotency_key, fingerprinted, principal.owner
+        )
+        async with reservation as slot:
             job_id = slot.existing or await self._create(body)
             slot.record(job_id)
         return await self.get(job_id)
@@ -154,12 +164,15 @@ class JobService:
         await asyncio.to_thread(self.storage.delete, job_record_key(job_id))  # "it exists": last
         return [*removed, job_record_key(job_id)]
 
-    async def attach(self, job_id: str, image_ids: Sequence[str]) -> Job:
-        """Attach stored character references to an existing job (idempotent)."""
+    async def attach(
+        self, job_id: str, image_ids: Sequence[str], viewer: Principal = EVERYONE
+    ) -> Job:
+        """Attach stored character references `viewer` may see to an existing job
+        (idempotent)."""
         job_id = parse_job_id(job_id)
         if not await self.exists(job_id):
             raise JobNotFoundError(job_id)
-        await self.assets.attach_character_references(job_id, image_ids)
+        await self.assets.attach_character_references(job_id, image_ids, viewer)
         return await self.get(job_id)
 
     async def character_reference_key(self, job_id: str, image_id: str) -> tuple[str, str | None]:

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from config import Settings, SettingsError, load_settings, parse_api_keys
 from conftest import TEST_SIGNING_SECRET, assert_error_shape
 from main import create_app
-from middleware import PRINCIPAL
+from mv.principals import PRINCIPAL
 from services.asset_persistence import url_signer
 from services.auth import InvalidTokenError, JwtVerifier
 

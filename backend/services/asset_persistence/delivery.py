@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mv.ids import parse_image_id
+from mv.principals import Principal
 from services.asset_persistence.references import (
     CharacterReferenceNotFoundError,
     CharacterReferences,
+    FoundImage,
 )
 from services.asset_persistence.thumbnails import ThumbnailStore
 from services.storage import (
@@ -69,7 +71,8 @@ class ImageDelivery:
         self._expiry = presigned_url_expiry
         self.clock = clock  # seconds since the epoch; a test can stop it
         self._recent_urls: dict[str, PresignedUrl] = {}
-        self._recent_cloud_images: dict[str, CloudImage] = {}
+        # image id -> its cloud copy and its owner (checked on every use)
+        self._recent_cloud_images: dict[str, tuple[CloudImage, str | None]] = {}
 
     def _mostly_valid(self, url: PresignedUrl) -> bool:
         left = url.expires_at.timestamp() - self.clock()
@@ -90,32 +93,40 @@ class ImageDelivery:
             self._recent_urls[key] = signed
         return signed
 
-    async def locate(self, image_id: str) -> CloudImage | LocalImageFile:
+    async def locate(self, image_id: str, viewer: Principal) -> CloudImage | LocalImageFile:
         """The S3 copy's presigned URL when serving from the cloud and S3 holds it; else the
         local copy (fetched from S3 first if only S3 holds it).
 
-        Raises CharacterReferenceNotFoundError when no tier holds the image.
+        Raises CharacterReferenceNotFoundError when no tier holds the image, or when it is
+        another owner's (`viewer` may not see it).
         """
         # Remembered under canonical ids only, so a hit is an id checked before.
         recent = self._recent_cloud_images.get(image_id)
-        if recent is not None and self._mostly_valid(recent.url):
-            return recent  # a repeated redirect needs neither a lookup nor a signature
+        if recent is not None and self._mostly_valid(recent[0].url):
+            if not viewer.may_see(recent[1]):
+                raise CharacterReferenceNotFoundError(image_id)
+            return recent[0]  # a repeated redirect needs neither a lookup nor a signature
         image_id = parse_image_id(image_id)
-        located = await asyncio.to_thread(self._locate, image_id)  # one hop for both steps
+        # One hop for both steps.
+        located, owner = await asyncio.to_thread(self._locate, image_id, viewer)
         if isinstance(located, CloudImage):
             if len(self._recent_cloud_images) >= MAX_REMEMBERED_URLS:
                 self._recent_cloud_images.clear()
-            self._recent_cloud_images[image_id] = located
+            self._recent_cloud_images[image_id] = (located, owner)
         return located
 
-    def _locate(self, image_id: str) -> CloudImage | LocalImageFile:
-        key, sha256 = self.references.find(image_id)
-        return self._locate_key(key, sha256, CharacterReferenceNotFoundError(image_id))
+    def _locate(
+        self, image_id: str, viewer: Principal
+    ) -> tuple[CloudImage | LocalImageFile, str | None]:
+        found = self.references.find_visible(image_id, viewer)
+        missing = CharacterReferenceNotFoundError(image_id)
+        return self._locate_key(found.key, found.sha256, missing), found.owner
 
-    async def find(self, image_id: str) -> tuple[str, str | None]:
-        """Key and sha256 of a standalone image; CharacterReferenceNotFoundError if absent."""
+    async def find(self, image_id: str, viewer: Principal) -> FoundImage:
+        """Where a standalone image is; CharacterReferenceNotFoundError if absent or
+        another owner's."""
         image_id = parse_image_id(image_id)
-        return await asyncio.to_thread(self.references.find, image_id)
+        return await asyncio.to_thread(self.references.find_visible, image_id, viewer)
 
     async def locate_thumbnail(
         self, image_key: str, image_sha256: str | None, size: int, not_found: ObjectNotFoundError
@@ -135,7 +146,7 @@ class ImageDelivery:
         """Drop what this replica remembers about deleted keys (URLs, thumbnails)."""
         for key in keys:
             self._recent_urls.pop(key, None)
-        for image_id, cloud in list(self._recent_cloud_images.items()):
+        for image_id, (cloud, _) in list(self._recent_cloud_images.items()):
             if cloud.key in keys:
                 del self._recent_cloud_images[image_id]
         self.thumbnails.forget(keys)

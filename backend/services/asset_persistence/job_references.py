@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from mv.principals import Principal
 from services.asset_persistence.manifests import JobManifests
 from services.asset_persistence.records import CHARACTER_REFERENCES_CATEGORY, ManifestEntry
 from services.asset_persistence.references import CharacterReferences
@@ -42,7 +43,8 @@ class JobReferences:
         """Copy each image into `base/character_reference/` and under the job; their URLs."""
         found = [self.references.find(image_id) for image_id in image_ids]
         urls = []
-        for image_id, (key, sha256) in zip(image_ids, found, strict=True):
+        for image_id, image in zip(image_ids, found, strict=True):
+            key, sha256 = image.key, image.sha256
             extension = key.rpartition(".")[2]
             local_copy = base / JOB_CHARACTER_REFERENCE_DIR / f"{image_id}.{extension}"
             self.storage.download(key, local_copy, sha256)
@@ -51,14 +53,17 @@ class JobReferences:
             urls.append(self.urls.for_key(job_key))
         return urls
 
-    def copy_into_job(self, job_id: str, image_ids: list[str]) -> list[ManifestEntry]:
-        """Copy each image under the job (unless its manifest lists it already, unchanged);
-        the manifest entries to merge."""
-        found = [self.references.find(image_id) for image_id in image_ids]
+    def copy_into_job(
+        self, job_id: str, image_ids: list[str], viewer: Principal
+    ) -> list[ManifestEntry]:
+        """Copy each image `viewer` may see under the job (unless its manifest lists it
+        already, unchanged); the manifest entries to merge."""
+        found = [self.references.find_visible(image_id, viewer) for image_id in image_ids]
         manifest = self.manifests.read_or_none(job_id)
         listed = {entry.path: entry for entry in manifest.files} if manifest else {}
         entries = []
-        for image_id, (key, sha256) in zip(image_ids, found, strict=True):
+        for image_id, image in zip(image_ids, found, strict=True):
+            key, sha256 = image.key, image.sha256
             extension = key.rpartition(".")[2]
             relative = f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{extension}"
             earlier = listed.get(relative)

@@ -36,6 +36,9 @@ class GenerationDetails(BaseModel):
     # the named view it shows. The ids stay when those images are deleted.
     reference_image_ids: list[str] | None = None
     view: str | None = None
+    # Who stored it (an API key's owner, a JWT's sub); None: stored with no authentication
+    # on, or before owners existed.
+    owner: str | None = None
 
 
 class CharacterReferenceRecord(GenerationDetails):

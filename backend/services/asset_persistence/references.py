@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from mv.principals import Principal
 from services.asset_persistence.images import ImageKind, UnsupportedImageError, identify_image
 from services.asset_persistence.records import (
     CHARACTER_REFERENCES_CATEGORY,
@@ -34,6 +35,15 @@ from services.storage import (
 # Where images were found, per replica; a stored reference never changes, so this only grows
 # stale through deletes, which clear it.
 MAX_REMEMBERED_LOCATIONS = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class FoundImage:
+    """Where a standalone image is stored, what its bytes hash to, and whose it is."""
+
+    key: str
+    sha256: str | None  # None for an image with no sidecar
+    owner: str | None
 
 
 class CharacterReferenceNotFoundError(ObjectNotFoundError):
@@ -167,8 +177,9 @@ class CharacterReferences:
             return None
         return CharacterReferenceRecord.model_validate_json(raw)
 
-    def _find(self, image_id: str) -> tuple[str, str | None]:
-        """Key and expected sha256 of a standalone image, from its sidecar or by extension.
+    def _find(self, image_id: str) -> FoundImage:
+        """Key, expected sha256 and owner of a standalone image, from its sidecar (or, with no
+        sidecar, by extension: no sha256, no owner).
 
         Blocking; `find` is the same with a memory of what was found.
         CharacterReferenceNotFoundError when no image has this id.
@@ -178,12 +189,19 @@ class CharacterReferences:
             extension = normalize_image_extension(record.content_type.rpartition("/")[2])
             key = character_reference_key(image_id, extension)
             if self.storage.exists(key):
-                return key, record.sha256
+                return FoundImage(key, record.sha256, record.owner)
         for extension in IMAGE_CONTENT_TYPES:
             key = character_reference_key(image_id, extension)
             if self.storage.exists(key):
-                return key, None
+                return FoundImage(key, None, None)
         raise CharacterReferenceNotFoundError(image_id)
+
+    def find_visible(self, image_id: str, viewer: Principal) -> FoundImage:
+        """`find`, for `viewer`: another owner's image is not found, as if it did not exist."""
+        found = self.find(image_id)
+        if not viewer.may_see(found.owner):
+            raise CharacterReferenceNotFoundError(image_id)
+        return found
 
     def forget_locations(self) -> None:
         """Forget where images were found (after a delete)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from config import Settings, get_settings
 from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
+from mv.principals import EVERYONE, Principal
 from services.asset_persistence.deletion import delete_character_reference, delete_job_files
 from services.asset_persistence.delivery import ImageDelivery
 from services.asset_persistence.job_directories import JobDirectories, JobUrls
@@ -159,11 +160,18 @@ class AssetPersistenceService:
         base = Path(local_base_path)
         return await asyncio.to_thread(self.job_directories.download, job_id, base)
 
-    async def delete_character_reference(self, image_id: str) -> list[str]:
+    async def delete_character_reference(
+        self, image_id: str, viewer: Principal = EVERYONE
+    ) -> list[str]:
         """Delete a standalone image, its sidecar and thumbnails from every tier (copies under
-        jobs stay); return the keys removed. CharacterReferenceNotFoundError if none existed.
+        jobs stay); return the keys removed. CharacterReferenceNotFoundError if none existed,
+        or if it is another owner's than `viewer` may see.
         """
         image_id = parse_image_id(image_id)
+        # The sidecar goes last, so a delete that failed half-way still says whose it was.
+        record = await asyncio.to_thread(self.references.read_record, image_id)
+        if not viewer.may_see(record.owner if record is not None else None):
+            raise CharacterReferenceNotFoundError(image_id)
         removed = await delete_character_reference(self.storage, image_id)
         self.references.forget_locations()
         self.delivery.forget(removed)
@@ -200,52 +208,61 @@ class AssetPersistenceService:
         image = await asyncio.to_thread(prepare_bytes, data)
         return await self.references.store(image_id, image, job_id, details)
 
-    async def get_character_reference_record(self, image_id: str) -> CharacterReferenceRecord:
-        """The sidecar of a standalone image; CharacterReferenceNotFoundError if absent."""
+    async def get_character_reference_record(
+        self, image_id: str, viewer: Principal = EVERYONE
+    ) -> CharacterReferenceRecord:
+        """The sidecar of a standalone image; CharacterReferenceNotFoundError if absent (or
+        another owner's than `viewer` may see)."""
         image_id = parse_image_id(image_id)
         record = await asyncio.to_thread(self.references.read_record, image_id)
-        if record is None:
+        if record is None or not viewer.may_see(record.owner):
             raise CharacterReferenceNotFoundError(image_id)
         return record
 
-    async def read_character_reference(self, image_id: str) -> tuple[str, bytes]:
+    async def read_character_reference(
+        self, image_id: str, viewer: Principal = EVERYONE
+    ) -> tuple[str, bytes]:
         """The key and bytes of a standalone image, from whichever tier holds them (a pending
-        upload too); CharacterReferenceNotFoundError if it does not exist (or no longer does)."""
+        upload too); CharacterReferenceNotFoundError if it does not exist (or no longer does),
+        or is another owner's than `viewer` may see."""
         image_id = parse_image_id(image_id)
-        return await asyncio.to_thread(self._read_character_reference, image_id)
+        return await asyncio.to_thread(self._read_character_reference, image_id, viewer)
 
-    def _read_character_reference(self, image_id: str) -> tuple[str, bytes]:
-        key, _ = self.references.find(image_id)
+    def _read_character_reference(self, image_id: str, viewer: Principal) -> tuple[str, bytes]:
+        key = self.references.find_visible(image_id, viewer).key
         try:
             return key, self.storage.get_bytes(key)
         except ObjectNotFoundError:  # deleted since it was found (by another replica)
             self.references.forget_locations()
             raise CharacterReferenceNotFoundError(image_id) from None
 
-    async def check_character_references_exist(self, image_ids: Sequence[str]) -> None:
-        """Raise CharacterReferenceNotFoundError naming the first id with no stored image."""
+    async def check_character_references_exist(
+        self, image_ids: Sequence[str], viewer: Principal = EVERYONE
+    ) -> None:
+        """Raise CharacterReferenceNotFoundError naming the first id with no stored image
+        that `viewer` may see."""
         ids = [parse_image_id(image_id) for image_id in image_ids]
-        await asyncio.to_thread(self._check_exist, ids)
+        await asyncio.to_thread(self._check_exist, ids, viewer)
 
-    def _check_exist(self, image_ids: Sequence[str]) -> None:
+    def _check_exist(self, image_ids: Sequence[str], viewer: Principal) -> None:
         for image_id in image_ids:
-            key, _ = self.references.find(image_id)
+            key = self.references.find_visible(image_id, viewer).key
             if not self.storage.exists(key):  # deleted since it was found (by another replica)
                 self.references.forget_locations()
                 raise CharacterReferenceNotFoundError(image_id)
 
     async def attach_character_references(
-        self, job_id: str, image_ids: Sequence[str]
+        self, job_id: str, image_ids: Sequence[str], viewer: Principal = EVERYONE
     ) -> JobManifest:
         """Copy stored images under the job and list them in its manifest (idempotent).
 
         The server-side counterpart of associate_character_images_with_job, for clients with
-        no job directory. CharacterReferenceNotFoundError names an unknown id; then nothing
-        is copied.
+        no job directory. CharacterReferenceNotFoundError names an unknown id (or one that
+        `viewer` may not see); then nothing is copied.
         """
         job_id = parse_job_id(job_id)
         ids = [parse_image_id(image_id) for image_id in image_ids]
-        entries = await asyncio.to_thread(self.job_references.copy_into_job, job_id, ids)
+        entries = await asyncio.to_thread(self.job_references.copy_into_job, job_id, ids, viewer)
         return await self.manifests.add(job_id, entries)
 
     async def add_to_job_manifest(

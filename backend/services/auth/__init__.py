@@ -1,11 +1,11 @@
 """Who makes a request: principals from API keys, operator keys, bearer JWTs or signed URLs.
 
-`principal` defines who; `tokens` verifies bearer JWTs against an identity provider's keys;
+`mv.principals` defines who; `tokens` verifies bearer JWTs against an identity provider's keys;
 `authenticator` tells, for one request, which principal it is or why it is refused.
 """
 
+from mv.principals import EVERYONE, Principal
 from services.auth.authenticator import AuthenticationError, Authenticator
-from services.auth.principal import Principal
 from services.auth.tokens import (
     ASYMMETRIC_ALGORITHMS,
     IdentityProviderUnavailableError,
@@ -15,6 +15,7 @@ from services.auth.tokens import (
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
+    "EVERYONE",
     "AuthenticationError",
     "Authenticator",
     "IdentityProviderUnavailableError",

@@ -6,8 +6,8 @@ import asyncio
 import hmac
 from collections.abc import Mapping
 
+from mv.principals import Principal
 from services.asset_persistence import SignatureCheck, UrlSigner
-from services.auth.principal import Principal
 from services.auth.tokens import IdentityProviderUnavailableError, InvalidTokenError, JwtVerifier
 
 

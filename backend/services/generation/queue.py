@@ -50,8 +50,9 @@ from services.webhooks import DeliveryOutcome, WebhookSender
 
 logger = logging.getLogger(__name__)
 
+# (the request, its progress, its owner) -> the reply
 RunGeneration = Callable[
-    [GenerateCharacterReferenceRequest, GenerationProgress],
+    [GenerateCharacterReferenceRequest, GenerationProgress, str | None],
     Awaitable[GenerateCharacterReferenceResponse],
 ]
 ClassifyError = Callable[[BaseException], GenerationFailure]
@@ -174,9 +175,13 @@ class GenerationQueue:
         return len(self._waiting)
 
     async def submit(
-        self, request: GenerateCharacterReferenceRequest, *, webhook_url: str | None = None
+        self,
+        request: GenerateCharacterReferenceRequest,
+        *,
+        webhook_url: str | None = None,
+        owner: str | None = None,
     ) -> LiveGeneration:
-        """Queue a generation; GenerationBusyError (429) when the queue is full."""
+        """Queue `owner`'s generation; GenerationBusyError (429) when the queue is full."""
         if len(self._waiting) >= self.max_queued:
             self.metrics.generations_rejected.inc()
             raise GenerationBusyError(
@@ -188,6 +193,7 @@ class GenerationQueue:
             request=request,
             webhook_url=webhook_url,
             instance=self.instance,
+            owner=owner,
         )
         entry = LiveGeneration(record)
         entry.done.add_done_callback(_consume_exception)
@@ -227,7 +233,9 @@ class GenerationQueue:
         record.status, record.started_at = "running", utc_now()
         started = time.perf_counter()
         # A cancel that came first is honoured at the generator's first step.
-        entry.task = asyncio.create_task(self._run_generation(record.request, entry.progress))
+        entry.task = asyncio.create_task(
+            self._run_generation(record.request, entry.progress, record.owner)
+        )
         await self._save_quietly(record)  # while the generation already runs
         await asyncio.wait({entry.task})
         elapsed = time.perf_counter() - started

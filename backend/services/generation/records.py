@@ -66,6 +66,9 @@ class GenerationRecord(BaseModel):
     result: GenerateCharacterReferenceResponse | None = None
     error: GenerationFailure | None = None
     webhook: WebhookDelivery | None = None
+    # Who asked for it: its status, cancel and images are theirs (None: no authentication,
+    # or stored before owners existed).
+    owner: str | None = None
 
     @property
     def finished(self) -> bool:

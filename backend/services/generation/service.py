@@ -11,6 +11,7 @@ from mv.character_reference import (
     GenerateCharacterReferenceResponse,
 )
 from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
+from mv.principals import EVERYONE, Principal
 from services.asset_persistence import API_PREFIX, AssetPersistenceService, JobNotFoundError
 from services.generation.base import (
     GenerationCanceledError,
@@ -75,34 +76,46 @@ class GenerationService:
         body: GenerateCharacterReferenceRequest,
         webhook_url: str | None,
         fingerprinted: object,
+        principal: Principal,
     ) -> str:
-        """Queue the generation, or find the one an earlier request with this key queued."""
+        """Queue the generation, or find the one an earlier request with this key (and this
+        owner) queued."""
         if body.job_id is not None and not await self.jobs.exists(body.job_id):
             raise JobNotFoundError(body.job_id)  # before anything is queued or stored
         if body.reference_image_ids:  # likewise; read again when the generation starts
-            await self.assets.check_character_references_exist(body.reference_image_ids)
+            await self.assets.check_character_references_exist(body.reference_image_ids, principal)
+        owner = principal.owner
         if idempotency_key is None:
-            return (await self.queue.submit(body, webhook_url=webhook_url)).generation_id
-        async with self.idempotency.reserve(scope, idempotency_key, fingerprinted) as slot:
+            entry = await self.queue.submit(body, webhook_url=webhook_url, owner=owner)
+            return entry.generation_id
+        reservation = self.idempotency.reserve(scope, idempotency_key, fingerprinted, owner)
+        async with reservation as slot:
             if slot.existing is not None:
                 return slot.existing
-            entry = await self.queue.submit(body, webhook_url=webhook_url)
+            entry = await self.queue.submit(body, webhook_url=webhook_url, owner=owner)
             slot.record(entry.generation_id)
             return entry.generation_id
 
     async def generate_now(
-        self, body: GenerateCharacterReferenceRequest, idempotency_key: str | None = None
+        self,
+        body: GenerateCharacterReferenceRequest,
+        idempotency_key: str | None = None,
+        principal: Principal = EVERYONE,
     ) -> tuple[str, GenerateCharacterReferenceResponse]:
-        """Queue the generation and wait for it (the sync route): its id and its reply."""
+        """Queue `principal`'s generation and wait for it (the sync route): its id and its
+        reply."""
         generation_id = await self._submit_once(
-            SYNC_SCOPE, idempotency_key, body, None, body.model_dump(mode="json")
+            SYNC_SCOPE, idempotency_key, body, None, body.model_dump(mode="json"), principal
         )
         return generation_id, await self.result(generation_id)
 
     async def submit(
-        self, body: AsyncGenerateCharacterReferenceRequest, idempotency_key: str | None = None
+        self,
+        body: AsyncGenerateCharacterReferenceRequest,
+        idempotency_key: str | None = None,
+        principal: Principal = EVERYONE,
     ) -> GenerationStatus:
-        """Queue the generation and return its status at once (the async route).
+        """Queue `principal`'s generation and return its status at once (the async route).
 
         A webhook URL is checked first (WebhooksDisabledError, WebhookRefusedError): a
         destination that would be refused later is refused now, before any work.
@@ -119,20 +132,22 @@ class GenerationService:
             body.generation_request(),
             body.webhook_url,
             body.model_dump(mode="json"),
+            principal,
         )
         return await self.status(generation_id)
 
     # ---------------------------------------------------------------- read
 
-    async def _record(self, generation_id: str) -> GenerationRecord:
+    async def _record(self, generation_id: str, viewer: Principal = EVERYONE) -> GenerationRecord:
+        """The record; GenerationNotFoundError if there is none, or it is another owner's."""
         record = await self.queue.record(generation_id)
-        if record is None:
+        if record is None or not viewer.may_see(record.owner):
             raise GenerationNotFoundError(f"generation {generation_id} not found")
         return record
 
-    async def status(self, generation_id: str) -> GenerationStatus:
+    async def status(self, generation_id: str, viewer: Principal = EVERYONE) -> GenerationStatus:
         """The generation's state, queue position, progress, and reply or error."""
-        return await self.present(await self._record(generation_id))
+        return await self.present(await self._record(generation_id, viewer))
 
     async def present(self, record: GenerationRecord) -> GenerationStatus:
         """A record as clients see it, with a complete reply once it succeeded."""
@@ -204,9 +219,10 @@ class GenerationService:
 
     # -------------------------------------------------------------- cancel
 
-    async def cancel(self, generation_id: str) -> GenerationStatus:
-        """Cancel a queued or running generation; a finished one is returned as it is."""
-        record = await self._record(generation_id)
+    async def cancel(self, generation_id: str, viewer: Principal = EVERYONE) -> GenerationStatus:
+        """Cancel a queued or running generation `viewer` may see; a finished one is an
+        error (GenerationFinishedError)."""
+        record = await self._record(generation_id, viewer)
         if record.status in ("succeeded", "failed"):
             raise GenerationFinishedError(
                 f"generation {generation_id} already {record.status}; nothing to cancel"

@@ -1,10 +1,12 @@
-"""A request's principal: the owner of what it stores, and whether it acts for every owner."""
+"""Principals: who a request is, the owner of what it stores, and what it may see."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+# The key of a request's Principal in its ASGI state (AuthMiddleware puts it there).
+PRINCIPAL = "principal"
 Credential = Literal["none", "api_key", "admin_key", "bearer", "signed_url"]
 
 
@@ -23,5 +25,13 @@ class Principal:
 
     @classmethod
     def everyone(cls) -> Principal:
-        """The one principal of a server without authentication."""
+        """The one principal of a server without authentication (and of the Python API)."""
         return cls(owner=None, operator=True, credential="none")
+
+    def may_see(self, owner: str | None) -> bool:
+        """Whether a record of `owner` exists for this principal: its own, or any for an
+        operator. A record stored before owners existed (None) is an operator's only."""
+        return self.operator or (owner is not None and owner == self.owner)
+
+
+EVERYONE = Principal.everyone()

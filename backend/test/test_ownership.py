@@ -1,0 +1,205 @@
+"""Ownership: images and generations belong to the principal that made them. Anyone else
+gets a 404, exactly as for an id that does not exist; operators see everything; a signed URL
+stays a capability; Idempotency-Keys are per owner; records with no owner are operators' only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from conftest import ApiHarness, BlockingGenerator, assert_error_shape, image_bytes
+from services.asset_persistence import AssetPersistenceService
+
+ALICE = "alice-key-0123456789abcdef"
+BOB = "bob-key-0123456789abcdef"
+OPERATOR = "operator-key-0123456789abcdef"
+GENERATE = "/api/mv/generate_character_reference"
+JOBS = "/api/mv/character_reference_jobs"
+BODY = {"character_description": "a silver robot", "num_images": 1, "seed": 5}
+
+
+def as_(key: str) -> dict[str, str]:
+    return {"X-API-Key": key}
+
+
+def owners_api(
+    make_api: Callable[..., ApiHarness], mode: str = "local", **overrides: Any
+) -> ApiHarness:
+    """Alice, Bob and an operator, on a generator that finishes at once."""
+    blocking = BlockingGenerator()
+    blocking.release.set()
+    return make_api(
+        mode,
+        generators={"replicate": blocking},
+        image_generator="replicate",
+        api_keys=f"alice:{ALICE},bob:{BOB}",
+        admin_api_keys=f"ops:{OPERATOR}",
+        **overrides,
+    )
+
+
+def upload(api: ApiHarness, key: str) -> dict[str, Any]:
+    reply = api.client.post(
+        "/api/mv/upload_character_reference",
+        files={"file": ("a.png", image_bytes())},
+        headers=as_(key),
+    )
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+def assert_not_found_like_a_missing_id(reply: Any, image_id: str, missing: Any, other: str) -> None:
+    """`reply` (for `image_id`) is the 404 an id that does not exist (`other`) gets."""
+    assert reply.status_code == missing.status_code == 404
+    assert_error_shape(reply.json(), "NotFound")
+    assert reply.json()["detail"]["message"] == missing.json()["detail"]["message"].replace(
+        other, image_id
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"),
+    [("local", {}), ("s3", {"serve_from_cloud": True})],
+    ids=["local", "cloud serving"],
+)
+def test_an_image_is_its_owners_alone(
+    make_api: Callable[..., ApiHarness], mode: str, overrides: dict[str, Any]
+) -> None:
+    api = owners_api(make_api, mode, **overrides)
+    image_id = upload(api, ALICE)["id"]
+    other = str(uuid.uuid4())
+    paths = [
+        "/api/mv/get_character_reference/{}",
+        "/api/mv/get_character_reference/{}?redirect=true",
+        "/api/mv/character_references/{}/thumbnail/256",
+        "/api/mv/character_references/{}/metadata",
+    ]
+    cloud = "serve_from_cloud" in overrides
+    for path in paths:
+        served = 307 if cloud and ("redirect" in path or "thumbnail" in path) else 200
+
+        def get(image: str, key: str, path: str = path) -> Any:
+            return api.client.get(path.format(image), headers=as_(key), follow_redirects=False)
+
+        # Alice first: in cloud serving that puts the image's URL in the replica's memory.
+        assert get(image_id, ALICE).status_code == served
+        assert_not_found_like_a_missing_id(get(image_id, BOB), image_id, get(other, BOB), other)
+        assert get(image_id, OPERATOR).status_code == served
+        assert get(image_id, ALICE).status_code == served
+    assert (
+        api.client.get(
+            f"/api/mv/character_references/{image_id}/metadata", headers=as_(ALICE)
+        ).json()["owner"]
+        == "alice"
+    )
+    refused = api.client.delete(f"/api/mv/character_references/{image_id}", headers=as_(BOB))
+    assert_not_found_like_a_missing_id(
+        refused,
+        image_id,
+        api.client.delete(f"/api/mv/character_references/{other}", headers=as_(BOB)),
+        other,
+    )
+    assert (
+        api.client.get(
+            f"/api/mv/character_references/{image_id}/metadata", headers=as_(ALICE)
+        ).status_code
+        == 200
+    )
+    deleted = api.client.delete(f"/api/mv/character_references/{image_id}", headers=as_(OPERATOR))
+    assert deleted.status_code == 204
+
+
+def test_another_owners_image_cannot_be_used_as_a_reference_or_attached(
+    make_api: Callable[..., ApiHarness],
+) -> None:
+    api = owners_api(make_api)
+    image_id = upload(api, ALICE)["id"]
+    body = {**BODY, "reference_image_ids": [image_id]}
+    for path in (GENERATE, JOBS):
+        reply = api.client.post(path, json=body, headers=as_(BOB))
+        assert reply.status_code == 404
+        assert image_id in assert_error_shape(reply.json(), "NotFound")["message"]
+    assert api.client.post(GENERATE, json=body, headers=as_(ALICE)).status_code == 200
+    assert (
+        api.client.post("/api/mv/jobs", json={"job_id": "bobs"}, headers=as_(BOB)).status_code
+        == 201
+    )
+    attach = api.client.post(
+        "/api/mv/jobs/bobs/character_references", json={"image_ids": [image_id]}, headers=as_(BOB)
+    )
+    assert attach.status_code == 404
+    assert (
+        api.client.get("/api/mv/jobs/bobs", headers=as_(BOB)).json()["character_references"] == []
+    )
+
+
+def test_images_a_generation_makes_are_its_owners(make_api: Callable[..., ApiHarness]) -> None:
+    api = owners_api(make_api)
+    made = api.client.post(GENERATE, json=BODY, headers=as_(ALICE)).json()["images"][0]["id"]
+    metadata = f"/api/mv/character_references/{made}/metadata"
+    assert api.client.get(metadata, headers=as_(ALICE)).json()["owner"] == "alice"
+    assert api.client.get(metadata, headers=as_(BOB)).status_code == 404
+
+
+def test_a_generation_is_its_owners_alone(make_api: Callable[..., ApiHarness]) -> None:
+    blocking = BlockingGenerator()  # held: it is still running when Bob tries to cancel it
+    api = make_api(
+        generators={"replicate": blocking},
+        image_generator="replicate",
+        api_keys=f"alice:{ALICE},bob:{BOB}",
+        admin_api_keys=f"ops:{OPERATOR}",
+    )
+    submitted = api.client.post(JOBS, json=BODY, headers=as_(ALICE))
+    assert submitted.status_code == 202
+    status_url = submitted.json()["status_url"]
+    other = f"{JOBS}/{uuid.uuid4()}"
+    for method in ("GET", "DELETE"):
+        reply = api.client.request(method, status_url, headers=as_(BOB))
+        missing = api.client.request(method, other, headers=as_(BOB))
+        assert reply.status_code == missing.status_code == 404
+        assert_error_shape(reply.json(), "NotFound")
+    assert api.client.get(status_url, headers=as_(ALICE)).json()["status"] in ("queued", "running")
+    assert api.client.get(status_url, headers=as_(OPERATOR)).status_code == 200
+    canceled = api.client.delete(status_url, headers=as_(ALICE))
+    assert canceled.status_code == 200
+    assert canceled.json()["status"] == "canceled"
+
+
+def test_idempotency_keys_are_per_owner(make_api: Callable[..., ApiHarness]) -> None:
+    api = owners_api(make_api)
+    key = {"Idempotency-Key": "same-key-1"}
+    first = api.client.post(JOBS, json=BODY, headers={**as_(ALICE), **key}).json()
+    again = api.client.post(JOBS, json=BODY, headers={**as_(ALICE), **key}).json()
+    bobs = api.client.post(JOBS, json=BODY, headers={**as_(BOB), **key}).json()
+    assert again["generation_id"] == first["generation_id"]
+    assert bobs["generation_id"] != first["generation_id"]
+    assert api.client.get(bobs["status_url"], headers=as_(BOB)).status_code == 200
+    job = {"metadata": {"title": "video"}}
+    alices_job = api.client.post("/api/mv/jobs", json=job, headers={**as_(ALICE), **key})
+    bobs_job = api.client.post("/api/mv/jobs", json=job, headers={**as_(BOB), **key})
+    assert alices_job.status_code == bobs_job.status_code == 201
+    assert alices_job.json()["job_id"] != bobs_job.json()["job_id"]
+
+
+def test_a_signed_url_is_a_capability_whoever_holds_it(make_api: Callable[..., ApiHarness]) -> None:
+    api = owners_api(make_api)
+    uploaded = upload(api, ALICE)
+    assert "signature=" in uploaded["url"]
+    assert api.client.get(uploaded["url"]).status_code == 200  # no key at all
+    assert api.client.get(uploaded["thumbnail_url"]).status_code == 200
+
+
+def test_records_from_before_owners_are_operators_only(make_api: Callable[..., ApiHarness]) -> None:
+    api = owners_api(make_api)
+    legacy = AssetPersistenceService(api.client.app.state.assets.storage, settings=api.settings)
+    stored = asyncio.run(legacy.store_character_reference(str(uuid.uuid4()), image_bytes()))
+    path = f"/api/mv/character_references/{stored.id}/metadata"
+    assert api.client.get(path, headers=as_(ALICE)).status_code == 404
+    reply = api.client.get(path, headers=as_(OPERATOR))
+    assert reply.status_code == 200
+    assert reply.json()["owner"] is None

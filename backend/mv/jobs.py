@@ -61,6 +61,8 @@ class JobRecord(BaseModel):
     job_id: str
     created_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Who created it (None: no authentication, or created before owners existed).
+    owner: str | None = None
 
 
 class JobAsset(Reply):

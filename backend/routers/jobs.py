@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from mv.character_reference import CloudImageLocation
 from mv.ids import JOB_ID_PATTERN
 from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
+from mv.principals import Principal
 from mv.replies import Reply
 from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep, PrincipalDep
 from routers.errors import shown
@@ -53,9 +54,9 @@ async def create_job(
 
 
 @router.get("/{job_id}", response_model=Job, responses=_NOT_FOUND)
-async def get_job(job_id: JobId, jobs: JobsDep) -> Job:
+async def get_job(job_id: JobId, jobs: JobsDep, principal: PrincipalDep) -> Job:
     """The job and every asset its manifest lists, each with a URL."""
-    return await jobs.get(job_id)
+    return await jobs.get(job_id, principal)
 
 
 @router.delete(
@@ -64,10 +65,10 @@ async def get_job(job_id: JobId, jobs: JobsDep) -> Job:
     response_class=Response,
     responses={**_NOT_FOUND, 503: {"description": "storage unreachable; try again"}},
 )
-async def delete_job(job_id: JobId, jobs: JobsDep) -> Response:
+async def delete_job(job_id: JobId, jobs: JobsDep, principal: PrincipalDep) -> Response:
     """Delete the job: every file it stored (its character reference copies too), its
     manifest and its record. Safe to repeat: a second delete is a 404."""
-    await jobs.delete(job_id)
+    await jobs.delete(job_id, principal)
     return Response(status_code=204)
 
 
@@ -80,10 +81,10 @@ async def attach_character_references(
 
 
 async def _job_reference(
-    jobs: JobService, job_id: str, image_id: uuid.UUID
+    jobs: JobService, job_id: str, image_id: uuid.UUID, viewer: Principal
 ) -> tuple[str, str | None, ObjectNotFoundError]:
     """Key and sha256 of a job's character reference, and the error to raise if it is gone."""
-    key, sha256 = await jobs.character_reference_key(job_id, str(image_id))
+    key, sha256 = await jobs.character_reference_key(job_id, str(image_id), viewer)
     missing = ObjectNotFoundError(key, f"character reference {image_id} of job {job_id} not found")
     return key, sha256, missing
 
@@ -101,10 +102,11 @@ async def get_job_character_reference(
     request: Request,
     jobs: JobsDep,
     delivery: ImageDeliveryDep,
+    principal: PrincipalDep,
     redirect: Redirect = False,
 ) -> Response:
     """A job's character reference, served like /get_character_reference."""
-    key, sha256, missing = await _job_reference(jobs, job_id, image_id)
+    key, sha256, missing = await _job_reference(jobs, job_id, image_id, principal)
     located = await delivery.locate_key(key, sha256, missing)
     return await stored_file_response(
         request, located, redirect=redirect, cloud_reply=cloud_location
@@ -125,9 +127,10 @@ async def get_job_character_reference_thumbnail(
     request: Request,
     jobs: JobsDep,
     delivery: ImageDeliveryDep,
+    principal: PrincipalDep,
 ) -> Response:
     """A job's character reference as a WebP thumbnail, served like the standalone one."""
-    key, sha256, missing = await _job_reference(jobs, job_id, image_id)
+    key, sha256, missing = await _job_reference(jobs, job_id, image_id, principal)
     located = await delivery.locate_thumbnail(key, sha256, size, missing)
     return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
 
@@ -159,12 +162,13 @@ async def get_job_asset(
     request: Request,
     jobs: JobsDep,
     delivery: ImageDeliveryDep,
+    principal: PrincipalDep,
     redirect: Redirect = False,
 ) -> Response:
     """Any file of a job: its bytes, or its presigned URL (JSON or 307) in cloud mode.
 
     In local serving a JSON file of the job's own is its bytes, as `application/json`."""
-    key, sha256 = await jobs.asset_key(job_id, path)
+    key, sha256 = await jobs.asset_key(job_id, path, principal)
     missing = ObjectNotFoundError(key, f"job {job_id} has no asset {shown(path)}")
     located = await delivery.locate_key(key, sha256, missing)
     return await stored_file_response(

@@ -56,19 +56,19 @@ class JobService:
         """Store a new job record; JobExistsError when the id is taken (409). An
         Idempotency-Key is `principal`'s own."""
         if idempotency_key is None:
-            return await self.get(await self._create(body))
+            return await self.get(await self._create(body, principal.owner))
         fingerprinted = body.model_dump(mode="json")
         reservation = self.idempotency.reserve(
             CREATE_SCOPE, idempotency_key, fingerprinted, principal.owner
         )
         async with reservation as slot:
-            job_id = slot.existing or await self._create(body)
+            job_id = slot.existing or await self._create(body, principal.owner)
             slot.record(job_id)
         return await self.get(job_id)
 
-    async def _create(self, body: CreateJobRequest) -> str:
+    async def _create(self, body: CreateJobRequest, owner: str | None) -> str:
         job_id = body.job_id or new_job_id()
-        record = JobRecord(job_id=job_id, created_at=utc_now(), metadata=body.metadata)
+        record = JobRecord(job_id=job_id, created_at=utc_now(), metadata=body.metadata, owner=owner)
         if await asyncio.to_thread(self.storage.exists, job_manifest_key(job_id)):
             raise JobExistsError(f"job {job_id} already exists")  # a worker persisted it
         try:
@@ -84,14 +84,18 @@ class JobService:
             raise JobExistsError(f"job {job_id} already exists") from None
         return job_id
 
-    async def exists(self, job_id: str) -> bool:
-        """Whether the job was created through the API or persisted by a worker."""
-        return await asyncio.to_thread(self._job_exists, parse_job_id(job_id))
-
-    def _job_exists(self, job_id: str) -> bool:
-        return self.storage.exists(job_record_key(job_id)) or self.storage.exists(
-            job_manifest_key(job_id)
-        )
+    async def check_visible(self, job_id: str, viewer: Principal = EVERYONE) -> None:
+        """JobNotFoundError unless the job exists (created through the API, or persisted by a
+        worker) and `viewer` may see it. A job a worker persisted without a record has no
+        owner: an operator's only."""
+        job_id = parse_job_id(job_id)
+        record = await asyncio.to_thread(self._read_record, job_id)
+        if record is None and not await asyncio.to_thread(
+            self.storage.exists, job_manifest_key(job_id)
+        ):
+            raise JobNotFoundError(job_id)
+        if not viewer.may_see(record.owner if record is not None else None):
+            raise JobNotFoundError(job_id)
 
     def _read_record(self, job_id: str) -> JobRecord | None:
         try:
@@ -99,17 +103,20 @@ class JobService:
         except ObjectNotFoundError:
             return None
 
-    async def get(self, job_id: str) -> Job:
-        """The job with every asset of its manifest; JobNotFoundError when neither exists.
+    async def get(self, job_id: str, viewer: Principal = EVERYONE) -> Job:
+        """The job with every asset of its manifest; JobNotFoundError when neither exists, or
+        `viewer` may not see it.
 
         A job a worker persisted without creating it through the API has no record: it is
-        shown from its manifest alone.
+        shown from its manifest alone (to operators, when there are owners).
         """
         job_id = parse_job_id(job_id)
         record, manifest = await asyncio.gather(
             asyncio.to_thread(self._read_record, job_id), self._manifest_or_none(job_id)
         )
         if record is None and manifest is None:
+            raise JobNotFoundError(job_id)
+        if not viewer.may_see(record.owner if record is not None else None):
             raise JobNotFoundError(job_id)
         assets = await asyncio.to_thread(self._assets_with_urls, job_id, manifest)
         manifest_url = None
@@ -153,13 +160,13 @@ class JobService:
             )
         return assets
 
-    async def delete(self, job_id: str) -> list[str]:
+    async def delete(self, job_id: str, viewer: Principal = EVERYONE) -> list[str]:
         """Delete every file of the job, its manifest and then its record (the job's copies of
-        character references included); return the keys removed. JobNotFoundError if absent.
+        character references included); return the keys removed. JobNotFoundError if absent
+        or another owner's than `viewer` may see.
         """
         job_id = parse_job_id(job_id)
-        if not await self.exists(job_id):
-            raise JobNotFoundError(job_id)
+        await self.check_visible(job_id, viewer)
         removed = await self.assets.delete_job_assets(job_id)
         await asyncio.to_thread(self.storage.delete, job_record_key(job_id))  # "it exists": last
         return [*removed, job_record_key(job_id)]
@@ -170,15 +177,19 @@ class JobService:
         """Attach stored character references `viewer` may see to an existing job
         (idempotent)."""
         job_id = parse_job_id(job_id)
-        if not await self.exists(job_id):
-            raise JobNotFoundError(job_id)
+        await self.check_visible(job_id, viewer)
         await self.assets.attach_character_references(job_id, image_ids, viewer)
-        return await self.get(job_id)
+        return await self.get(job_id, viewer)
 
-    async def character_reference_key(self, job_id: str, image_id: str) -> tuple[str, str | None]:
-        """Key and sha256 of a character reference attached to a job; raises if it is not."""
+    async def character_reference_key(
+        self, job_id: str, image_id: str, viewer: Principal = EVERYONE
+    ) -> tuple[str, str | None]:
+        """Key and sha256 of a character reference attached to a job `viewer` may see;
+        raises if it is not."""
         job_id, image_id = parse_job_id(job_id), parse_image_id(image_id)
-        manifest = await self._manifest_or_none(job_id)
+        _, manifest = await asyncio.gather(
+            self.check_visible(job_id, viewer), self._manifest_or_none(job_id)
+        )
         for entry in manifest.files if manifest else []:
             if _image_id_of(entry.path) == image_id:
                 return job_asset_key(job_id, entry.path), entry.sha256
@@ -190,10 +201,14 @@ class JobService:
             image_id, f"character reference {image_id} is not attached to job {job_id}"
         )
 
-    async def asset_key(self, job_id: str, path: str) -> tuple[str, str | None]:
-        """Key and (when the manifest lists it) sha256 of a file of the job."""
+    async def asset_key(
+        self, job_id: str, path: str, viewer: Principal = EVERYONE
+    ) -> tuple[str, str | None]:
+        """Key and (when the manifest lists it) sha256 of a file of a job `viewer` may see."""
         key = job_asset_key(job_id, path)
-        manifest = await self._manifest_or_none(parse_job_id(job_id))
+        _, manifest = await asyncio.gather(
+            self.check_visible(job_id, viewer), self._manifest_or_none(parse_job_id(job_id))
+        )
         for entry in manifest.files if manifest else []:
             if entry.path == path:
                 return key, entry.sha256

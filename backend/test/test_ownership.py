@@ -203,3 +203,63 @@ def test_records_from_before_owners_are_operators_only(make_api: Callable[..., A
     reply = api.client.get(path, headers=as_(OPERATOR))
     assert reply.status_code == 200
     assert reply.json()["owner"] is None
+
+
+def test_a_job_is_its_owners_alone(make_api: Callable[..., ApiHarness], tmp_path: Any) -> None:
+    api = owners_api(make_api)
+    image_id = upload(api, ALICE)["id"]
+    assert (
+        api.client.post("/api/mv/jobs", json={"job_id": "alices"}, headers=as_(ALICE)).status_code
+        == 201
+    )
+    attached = api.client.post(
+        "/api/mv/jobs/alices/character_references",
+        json={"image_ids": [image_id]},
+        headers=as_(ALICE),
+    )
+    assert attached.status_code == 200
+    asset = attached.json()["character_references"][0]["path"]
+    reads = [
+        "/api/mv/jobs/{}",
+        "/api/mv/jobs/{}/character_references/" + image_id,
+        "/api/mv/jobs/{}/character_references/" + image_id + "/thumbnail/256",
+        "/api/mv/jobs/{}/assets/" + asset,
+    ]
+    for path in reads:
+        assert api.client.get(path.format("alices"), headers=as_(ALICE)).status_code == 200
+        reply = api.client.get(path.format("alices"), headers=as_(BOB))
+        missing = api.client.get(path.format("nobodys"), headers=as_(BOB))
+        assert reply.status_code == missing.status_code == 404, path
+        assert reply.json() == _renamed(missing.json(), "nobodys", "alices"), path
+        assert api.client.get(path.format("alices"), headers=as_(OPERATOR)).status_code == 200
+    attach = api.client.post(
+        "/api/mv/jobs/alices/character_references",
+        json={"image_ids": [upload(api, BOB)["id"]]},
+        headers=as_(BOB),
+    )
+    assert attach.status_code == 404
+    generate = api.client.post(GENERATE, json={**BODY, "job_id": "alices"}, headers=as_(BOB))
+    assert generate.status_code == 404
+    assert "alices" in assert_error_shape(generate.json(), "NotFound")["message"]
+    assert api.client.delete("/api/mv/jobs/alices", headers=as_(BOB)).status_code == 404
+    assert api.client.get("/api/mv/jobs/alices", headers=as_(ALICE)).json()["job_id"] == "alices"
+    assert api.client.delete("/api/mv/jobs/alices", headers=as_(ALICE)).status_code == 204
+
+
+def test_a_job_a_worker_persisted_without_a_record_is_operators_only(
+    make_api: Callable[..., ApiHarness], tmp_path: Any
+) -> None:
+    api = owners_api(make_api)
+    directory = tmp_path / "job"
+    (directory / "audio").mkdir(parents=True)
+    (directory / "audio" / "song.txt").write_text("la la")
+    worker = AssetPersistenceService(api.client.app.state.assets.storage, settings=api.settings)
+    asyncio.run(worker.persist_job_assets("from-a-worker", directory))
+    assert api.client.get("/api/mv/jobs/from-a-worker", headers=as_(ALICE)).status_code == 404
+    assert api.client.get("/api/mv/jobs/from-a-worker", headers=as_(OPERATOR)).status_code == 200
+
+
+def _renamed(body: Any, old: str, new: str) -> Any:
+    """`body` with `old` replaced by `new` in its message (the id it names)."""
+    detail = body["detail"]
+    return {"detail": {**detail, "message": detail["message"].replace(old, new)}}

@@ -12,7 +12,7 @@ from mv.character_reference import (
 )
 from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
 from mv.principals import EVERYONE, Principal
-from services.asset_persistence import API_PREFIX, AssetPersistenceService, JobNotFoundError
+from services.asset_persistence import API_PREFIX, AssetPersistenceService
 from services.generation.base import (
     GenerationCanceledError,
     GenerationError,
@@ -80,8 +80,8 @@ class GenerationService:
     ) -> str:
         """Queue the generation, or find the one an earlier request with this key (and this
         owner) queued."""
-        if body.job_id is not None and not await self.jobs.exists(body.job_id):
-            raise JobNotFoundError(body.job_id)  # before anything is queued or stored
+        if body.job_id is not None:  # before anything is queued or stored
+            await self.jobs.check_visible(body.job_id, principal)
         if body.reference_image_ids:  # likewise; read again when the generation starts
             await self.assets.check_character_references_exist(body.reference_image_ids, principal)
         owner = principal.owner

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from config import get_settings
 from conftest import ApiHarness, BlockingGenerator, assert_error_shape, image_bytes
 from services.asset_persistence import AssetPersistenceService
+from tools import assign_owner
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef"
@@ -263,3 +265,42 @@ def _renamed(body: Any, old: str, new: str) -> Any:
     """`body` with `old` replaced by `new` in its message (the id it names)."""
     detail = body["detail"]
     return {"detail": {**detail, "message": detail["message"].replace(old, new)}}
+
+
+def test_the_assign_command_gives_what_has_no_owner_to_one(
+    make_api: Callable[..., ApiHarness],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+) -> None:
+    api = owners_api(make_api)
+    storage = api.client.app.state.assets.storage
+    legacy = AssetPersistenceService(storage, settings=api.settings)
+    ownerless = asyncio.run(legacy.store_character_reference(str(uuid.uuid4()), image_bytes()))
+    (tmp_path / "job" / "audio").mkdir(parents=True)
+    (tmp_path / "job" / "audio" / "song.txt").write_text("la la")
+    asyncio.run(legacy.persist_job_assets("from-a-worker", tmp_path / "job"))
+    alices = upload(api, ALICE)["id"]
+    metadata = "/api/mv/character_references/{}/metadata"
+    monkeypatch.setenv("STORAGE_BACKEND", "local")
+    monkeypatch.setenv("OUTPUT_DIR", str(api.settings.output_dir))
+    get_settings.cache_clear()
+    try:
+        assert assign_owner.main(["bob"]) == 0  # lists, changes nothing
+        listed = capsys.readouterr().out
+        assert ownerless.id in listed and "jobs/from-a-worker/manifest.json" in listed
+        assert alices not in listed
+        assert "2 without an owner" in listed
+        assert api.client.get(metadata.format(ownerless.id), headers=as_(BOB)).status_code == 404
+        assert assign_owner.main(["bob", "--apply"]) == 0
+        assert "2 without an owner; assigned to bob" in capsys.readouterr().out
+        assert assign_owner.main(["bob"]) == 0
+        assert "0 without an owner" in capsys.readouterr().out
+    finally:
+        get_settings.cache_clear()
+    record = api.client.get(metadata.format(ownerless.id), headers=as_(BOB))
+    assert record.status_code == 200
+    assert record.json()["owner"] == "bob"
+    assert api.client.get("/api/mv/jobs/from-a-worker", headers=as_(BOB)).status_code == 200
+    assert api.client.get("/api/mv/jobs/from-a-worker", headers=as_(ALICE)).status_code == 404
+    assert api.client.get(metadata.format(alices), headers=as_(ALICE)).json()["owner"] == "alice"

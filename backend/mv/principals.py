@@ -23,15 +23,11 @@ class Principal:
     operator: bool
     credential: Credential
 
-    @classmethod
-    def everyone(cls) -> Principal:
-        """The one principal of a server without authentication (and of the Python API)."""
-        return cls(owner=None, operator=True, credential="none")
-
     def may_see(self, owner: str | None) -> bool:
         """Whether a record of `owner` exists for this principal: its own, or any for an
         operator. A record stored before owners existed (None) is an operator's only."""
         return self.operator or (owner is not None and owner == self.owner)
 
 
-EVERYONE = Principal.everyone()
+# The one principal of a server without authentication (and of the Python API).
+EVERYONE = Principal(owner=None, operator=True, credential="none")

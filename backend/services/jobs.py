@@ -133,6 +133,16 @@ class JobService:
             manifest_url=manifest_url,
         )
 
+    async def _visible_manifest(self, job_id: str, viewer: Principal) -> JobManifest | None:
+        """The job's manifest (None if it has none), once `viewer` is known to see the job;
+        an operator sees every job, so only the manifest is read."""
+        if viewer.operator:
+            return await self._manifest_or_none(job_id)
+        _, manifest = await asyncio.gather(
+            self.check_visible(job_id, viewer), self._manifest_or_none(job_id)
+        )
+        return manifest
+
     async def _manifest_or_none(self, job_id: str) -> JobManifest | None:
         try:
             return await self.assets.get_job_manifest(job_id)
@@ -187,9 +197,7 @@ class JobService:
         """Key and sha256 of a character reference attached to a job `viewer` may see;
         raises if it is not."""
         job_id, image_id = parse_job_id(job_id), parse_image_id(image_id)
-        _, manifest = await asyncio.gather(
-            self.check_visible(job_id, viewer), self._manifest_or_none(job_id)
-        )
+        manifest = await self._visible_manifest(job_id, viewer)
         for entry in manifest.files if manifest else []:
             if _image_id_of(entry.path) == image_id:
                 return job_asset_key(job_id, entry.path), entry.sha256
@@ -206,9 +214,7 @@ class JobService:
     ) -> tuple[str, str | None]:
         """Key and (when the manifest lists it) sha256 of a file of a job `viewer` may see."""
         key = job_asset_key(job_id, path)
-        _, manifest = await asyncio.gather(
-            self.check_visible(job_id, viewer), self._manifest_or_none(parse_job_id(job_id))
-        )
+        manifest = await self._visible_manifest(parse_job_id(job_id), viewer)
         for entry in manifest.files if manifest else []:
             if entry.path == path:
                 return key, entry.sha256

@@ -109,6 +109,31 @@ def new_bucket_name() -> str:
     return f"test-{uuid.uuid4().hex[:20]}"
 
 
+@contextlib.contextmanager
+def moto_credentials() -> Iterator[None]:
+    """moto's test credentials and no AWS config, for module-scoped fixtures (which are set up
+    before the per-test isolation)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws")
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws")
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.setenv(name, "testing")
+        yield
+
+
+def s3_settings(request: pytest.FixtureRequest, *, serve_from_cloud: bool) -> dict[str, Any]:
+    """Settings for S3 on a fresh bucket of the moto server (over HTTP on 127.0.0.1)."""
+    endpoint = request.getfixturevalue("moto_endpoint")
+    bucket = new_bucket_name()
+    make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return {
+        "storage_backend": "s3",
+        "storage_bucket": bucket,
+        "aws_endpoint_url": endpoint,
+        "serve_from_cloud": serve_from_cloud,
+    }
+
+
 @dataclass
 class StorageHarness:
     """One storage mode, ready to use: settings, backend, service and a raw S3 client."""

@@ -30,12 +30,11 @@ import httpx
 import pytest
 
 from config import REPO_ROOT, load_settings
-from conftest import TEST_SIGNING_SECRET, new_bucket_name, wait_until
+from conftest import TEST_SIGNING_SECRET, moto_credentials, s3_settings, wait_until
 from fake_replicate import FakeReplicate
 from live_server import serve
 from main import create_app
 from services.generation.policy import build_generation_policy
-from services.storage.s3 import make_s3_client
 
 CONTRACT_DIR = Path(__file__).parent / "contract"
 NODE_TOOLS = REPO_ROOT / ".venv" / "contract"
@@ -75,11 +74,7 @@ def contract_server(
     """A live server with API keys on, the tiny klein model, and a Replicate that never
     finishes a prediction (so a generation sent there runs until it is canceled); local
     storage, or S3 (moto over HTTP) serving from the cloud."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws")
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws")
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.setenv(name, "testing")
+    with moto_credentials():
         overrides: dict[str, Any] = {
             "output_dir": tmp_path_factory.mktemp("contract") / "outputs",
             "local_model_id": str(tiny_klein),
@@ -89,15 +84,7 @@ def contract_server(
             "replicate_api_token": "r8_test-token",
         }
         if request.param == "cloud":
-            endpoint = request.getfixturevalue("moto_endpoint")
-            bucket = new_bucket_name()
-            make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-            overrides.update(
-                storage_backend="s3",
-                storage_bucket=bucket,
-                aws_endpoint_url=endpoint,
-                serve_from_cloud=True,
-            )
+            overrides.update(s3_settings(request, serve_from_cloud=True))
         settings = load_settings(_env_file=REPO_ROOT / ".env.test", **overrides)
         replicate = FakeReplicate(initial_status="starting", final_status="processing")
         policy = build_generation_policy(settings, replicate_transport=replicate.transport())
@@ -108,9 +95,11 @@ def contract_server(
             yield {"mode": request.param, "base_url": base_url, "openapi": document}
 
 
-def _run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _run(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
     )
 
 
@@ -183,26 +172,10 @@ def python_client(tmp_path_factory: pytest.TempPathFactory, contract_server: dic
     (workdir / "openapi.json").write_text(json.dumps(contract_server["openapi"]))
     generator = Path(sys.executable).with_name("openapi-python-client")
     environment = {**os.environ, "PATH": f"{generator.parent}{os.pathsep}{os.environ['PATH']}"}
-    generated = subprocess.run(
-        [
-            str(generator),
-            "generate",
-            "--path",
-            "openapi.json",
-            "--config",
-            str(CONTRACT_DIR / "python-client.yaml"),
-            "--meta",
-            "none",
-            "--output-path",
-            "mv_backend_client",
-        ],
-        cwd=workdir,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    config = str(CONTRACT_DIR / "python-client.yaml")
+    command = [str(generator), "generate", "--path", "openapi.json", "--config", config]
+    output = ["--meta", "none", "--output-path", "mv_backend_client"]
+    generated = _run([*command, *output], workdir, environment)
     assert generated.returncode == 0, generated.stdout + generated.stderr
     assert "Warning" not in generated.stdout, generated.stdout  # nothing left out
     sys.path.insert(0, str(workdir))

@@ -28,10 +28,9 @@ from schemathesis.checks import (
 )
 
 from config import REPO_ROOT, Settings, load_settings
-from conftest import TEST_SIGNING_SECRET, image_bytes, new_bucket_name, wait_until
+from conftest import TEST_SIGNING_SECRET, image_bytes, moto_credentials, s3_settings, wait_until
 from live_server import serve
 from main import create_app
-from services.storage.s3 import make_s3_client
 
 API_KEY = "fuzz-key-0123456789abcdef"
 CHECKS = [
@@ -82,12 +81,7 @@ def fuzz_target(
     tiny_sdxl_turbo: Path,
 ) -> Iterator[dict[str, Any]]:
     """A live server with API keys on, a stored image and a job, in one storage mode."""
-    with pytest.MonkeyPatch.context() as env:
-        # Module-scoped, so set up before the per-test isolation: moto's test credentials only.
-        env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws")
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws")
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.setenv(name, "testing")
+    with moto_credentials():
         yield from _live_target(request, tmp_path_factory, tiny_sdxl_turbo)
 
 
@@ -103,11 +97,7 @@ def _live_target(
         "max_queued_generations": 64,
     }
     if request.param in ("s3", "cloud"):
-        endpoint = request.getfixturevalue("moto_endpoint")
-        bucket = new_bucket_name()
-        make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        overrides.update(storage_backend="s3", storage_bucket=bucket, aws_endpoint_url=endpoint)
-        overrides["serve_from_cloud"] = request.param == "cloud"
+        overrides.update(s3_settings(request, serve_from_cloud=request.param == "cloud"))
     settings_: Settings = load_settings(_env_file=REPO_ROOT / ".env.test", **overrides)
     app = create_app(settings_)
     with serve(app) as base_url:

@@ -207,7 +207,7 @@ def test_records_from_before_owners_are_operators_only(make_api: Callable[..., A
     assert reply.json()["owner"] is None
 
 
-def test_a_job_is_its_owners_alone(make_api: Callable[..., ApiHarness], tmp_path: Any) -> None:
+def test_a_job_is_its_owners_alone(make_api: Callable[..., ApiHarness]) -> None:
     api = owners_api(make_api)
     image_id = upload(api, ALICE)["id"]
     assert (

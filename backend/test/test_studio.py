@@ -16,10 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import TEST_SIGNING_SECRET, new_bucket_name, wait_until
+from conftest import TEST_SIGNING_SECRET, s3_settings, wait_until
 from live_server import serve
 from main import create_app
-from services.storage.s3 import make_s3_client
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -72,15 +71,7 @@ def studio_server(
         "url_signing_secret": TEST_SIGNING_SECRET,
     }
     if request.param == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        bucket = new_bucket_name()
-        make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        overrides.update(
-            storage_backend="s3",
-            storage_bucket=bucket,
-            aws_endpoint_url=endpoint,
-            serve_from_cloud=True,
-        )
+        overrides.update(s3_settings(request, serve_from_cloud=True))
     with serve(create_app(make_settings(**overrides))) as base_url:
         wait_until(lambda: httpx.get(f"{base_url}/ready").status_code == 200, timeout=60)
         yield base_url

@@ -47,7 +47,7 @@ def ownerless(storage: StorageBackend) -> list[tuple[str, str]]:
     found = []
     for kind, (prefix, shape) in RECORDS.items():
         for key in storage.list_keys(prefix):
-            if shape.fullmatch(key) and _owner(storage, key) is None:
+            if shape.fullmatch(key) and _has_no_owner(storage, key):
                 found.append((kind, key))
     for key in storage.list_keys("jobs/"):
         manifest = _MANIFEST.fullmatch(key)
@@ -56,11 +56,11 @@ def ownerless(storage: StorageBackend) -> list[tuple[str, str]]:
     return found
 
 
-def _owner(storage: StorageBackend, key: str) -> str | None:
+def _has_no_owner(storage: StorageBackend, key: str) -> bool:
     try:
-        return json.loads(storage.get_bytes(key)).get("owner")
+        return json.loads(storage.get_bytes(key)).get("owner") is None
     except ObjectNotFoundError:  # deleted since it was listed
-        return "(deleted)"
+        return False
 
 
 def assign(storage: StorageBackend, kind: str, key: str, owner: str) -> bool:

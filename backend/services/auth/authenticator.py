@@ -6,7 +6,7 @@ import asyncio
 import hmac
 from collections.abc import Mapping
 
-from mv.principals import Principal
+from mv.principals import EVERYONE, Principal
 from services.asset_persistence import SignatureCheck, UrlSigner
 from services.auth.tokens import IdentityProviderUnavailableError, InvalidTokenError, JwtVerifier
 
@@ -61,7 +61,7 @@ class Authenticator:
     ) -> Principal:
         """The request's principal; AuthenticationError when it is not let in."""
         if not self.enabled:
-            return Principal.everyone()
+            return EVERYONE
         if api_key is not None and (found := self._key_principal(api_key)) is not None:
             return found
         refused = AuthenticationError(401, "Unauthorized", self._missing(), self._challenge)

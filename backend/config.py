@@ -144,6 +144,8 @@ class Settings(BaseSettings):
     # Unset: 1 (one GPU in this process), or WORKER_TIER_GENERATION_WORKERS with a worker tier.
     generation_workers: int | None = Field(default=None, ge=1, le=64)
     generation_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
+    # Seconds of silence after which an event stream sends a heartbeat comment.
+    events_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
 
     # GPU worker tier (Ray Serve): the API's client side, and the worker app's own settings
     worker_url: str | None = None

@@ -34,6 +34,7 @@ from services.asset_persistence import (
 )
 from services.auth import Authenticator, JwtVerifier
 from services.character_references import CharacterReferenceService
+from services.generation.events import GenerationEvents
 from services.generation.policy import GenerationPolicy, build_generation_policy
 from services.generation.queue import GenerationQueue
 from services.generation.records import GenerationRecordStore
@@ -141,7 +142,7 @@ def create_app(
         app.state.generation_queue = queue
         app.state.character_references = character_references
         app.state.jobs = jobs = JobService(assets, idempotency)
-        app.state.generations = GenerationService(
+        app.state.generations = generation_service = GenerationService(
             queue,
             assets,
             idempotency,
@@ -149,6 +150,9 @@ def create_app(
             webhooks=webhooks,
             public_base_url=settings.public_base_url,
             replay_timeout_seconds=settings.generation_timeout_seconds,
+        )
+        app.state.generation_events = GenerationEvents(
+            generation_service, heartbeat=settings.events_heartbeat_seconds
         )
         retrier = asyncio.create_task(
             retry_pending_uploads_forever(assets, settings.pending_upload_retry_seconds)

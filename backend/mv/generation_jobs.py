@@ -84,6 +84,10 @@ class GenerationStatus(Reply):
     generation_id: UuidText
     status: GenerationState
     status_url: str
+    events_url: str = Field(
+        description="its progress as Server-Sent Events; signed when the API needs keys, so "
+        "a browser EventSource (which cannot send headers) opens it as it is"
+    )
     queue_position: int | None = Field(
         default=None, description="1 = next to run; only while queued"
     )
@@ -98,3 +102,23 @@ class GenerationStatus(Reply):
     webhook: WebhookDelivery | None = Field(
         default=None, description="when a webhook_url was given, once the generation finished"
     )
+
+
+class QueuedEvent(Reply):
+    """The data of a `queued` event."""
+
+    generation_id: UuidText
+    status: Literal["queued"]
+    queue_position: int | None = Field(
+        description="1 = next to run; null when another replica holds the queue"
+    )
+
+
+class ProgressEvent(Reply):
+    """The data of a `progress` event."""
+
+    generation_id: UuidText
+    status: Literal["running"]
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    fraction: float = Field(ge=0, le=1)

@@ -14,6 +14,7 @@ from mv.principals import PRINCIPAL, Principal
 from observability import bind
 from services.asset_persistence import AssetPersistenceService, ImageDelivery
 from services.character_references import CharacterReferenceService
+from services.generation.events import GenerationEvents
 from services.generation.policy import GenerationPolicy
 from services.generation.queue import GenerationQueue
 from services.generation.service import GenerationService
@@ -93,6 +94,11 @@ async def get_generations(request: Request) -> GenerationService:
     return request.app.state.generations
 
 
+async def get_generation_events(request: Request) -> GenerationEvents:
+    """The app's GenerationEvents."""
+    return request.app.state.generation_events
+
+
 async def get_jobs(request: Request) -> JobService:
     """The app's JobService."""
     return request.app.state.jobs
@@ -111,6 +117,7 @@ GenerationPolicyDep = Annotated[GenerationPolicy, Depends(get_generation_policy)
 ImageDeliveryDep = Annotated[ImageDelivery, Depends(get_image_delivery)]
 GenerationQueueDep = Annotated[GenerationQueue, Depends(get_generation_queue)]
 GenerationsDep = Annotated[GenerationService, Depends(get_generations)]
+GenerationEventsDep = Annotated[GenerationEvents, Depends(get_generation_events)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 IdempotencyKeyHeader = Annotated[

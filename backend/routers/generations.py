@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
+from mv.generation_jobs import (
+    AsyncGenerateCharacterReferenceRequest,
+    GenerationState,
+    GenerationStatus,
+)
+from mv.lists import GenerationPage
 from routers.deps import (
+    GenerationEventsDep,
     GenerationPolicyDep,
     GenerationsDep,
     IdempotencyKeyHeader,
@@ -16,6 +24,7 @@ from routers.deps import (
 )
 from routers.mv import GENERATION_ERRORS
 from routers.openapi.responses import LOCATION, Responses
+from routers.paging import PageDep
 
 router = APIRouter(prefix="/api/mv", tags=["asynchronous generation"])
 
@@ -47,6 +56,50 @@ async def submit_character_reference_job(
     status = await generations.submit(body, idempotency_key, principal)
     response.headers["Location"] = status.status_url
     return status
+
+
+@router.get("/character_reference_jobs", response_model=GenerationPage)
+async def list_character_reference_jobs(
+    page: PageDep,
+    generations: GenerationsDep,
+    status: Annotated[GenerationState | None, Query(description="only those in this state")] = None,
+) -> GenerationPage:
+    """Your generations (operators: `owner`'s), newest first, paged. With `status`, a page
+    holds those of its entries in that state: maybe fewer than `limit`, or none, with more
+    to follow in `next_cursor`."""
+    return await generations.list(page.owner, page.limit, page.cursor, status)
+
+
+async def visible_generation(
+    generation_id: GenerationId, generations: GenerationsDep, principal: PrincipalDep
+) -> None:
+    """A 404 before an event stream starts, for a generation the caller may not see."""
+    await generations.check_visible(str(generation_id), principal)
+
+
+@router.get(
+    "/character_reference_jobs/{generation_id}/events",
+    response_class=EventSourceResponse,
+    dependencies=[Depends(visible_generation)],
+    responses=_NOT_FOUND,
+)
+async def stream_character_reference_job_events(
+    generation_id: GenerationId,
+    events: GenerationEventsDep,
+    principal: PrincipalDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", max_length=64, description="resume after this event"),
+    ] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: `queued` (with position), `progress` (step, total steps), then
+    `succeeded`, `failed` or `canceled` with the status route's body, and the stream ends.
+    A browser opens the signed `events_url` of the 202 reply as it is."""
+    async for event in events.stream(str(generation_id), principal, last_event_id):
+        if event.data is None:
+            yield ServerSentEvent(comment=event.name)
+        else:
+            yield ServerSentEvent(event=event.name, id=event.id, data=event.data)
 
 
 @router.get(

@@ -11,12 +11,14 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from mv.character_reference import CloudImageLocation
 from mv.ids import JOB_ID_PATTERN
 from mv.jobs import AttachCharacterReferencesRequest, CreateJobRequest, Job
+from mv.lists import JobPage
 from mv.principals import Principal
 from mv.replies import Reply
 from routers.deps import IdempotencyKeyHeader, ImageDeliveryDep, JobsDep, PrincipalDep
 from routers.errors import shown
 from routers.mv import SERVED_FILE_PARAMETERS, THUMBNAIL_RESPONSES, Size, cloud_location
 from routers.openapi.responses import IMAGE_TYPES, LOCATION, Responses, served_file
+from routers.paging import PageDep
 from routers.serving import REVALIDATE_CACHE, stored_file_response
 from services.asset_persistence import CloudImage
 from services.jobs import JobService
@@ -51,6 +53,12 @@ async def create_job(
     job = await jobs.create(body, idempotency_key, principal)
     response.headers["Location"] = str(request.url_for("get_job", job_id=job.job_id).path)
     return job
+
+
+@router.get("", response_model=JobPage)
+async def list_jobs(page: PageDep, jobs: JobsDep) -> JobPage:
+    """Your jobs (operators: `owner`'s), newest first, paged."""
+    return await jobs.list(page.owner, page.limit, page.cursor)
 
 
 @router.get("/{job_id}", response_model=Job, responses=_NOT_FOUND)

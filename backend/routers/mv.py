@@ -16,6 +16,8 @@ from mv.character_reference import (
     GenerateCharacterReferenceResponse,
     UploadedCharacterReference,
 )
+from mv.ids import JOB_ID_PATTERN
+from mv.lists import CharacterReferencePage
 from routers.deps import (
     AssetsDep,
     CharacterReferencesDep,
@@ -23,6 +25,7 @@ from routers.deps import (
     GenerationsDep,
     IdempotencyKeyHeader,
     ImageDeliveryDep,
+    JobsDep,
     PrincipalDep,
     get_image_delivery,
     get_principal,
@@ -37,12 +40,14 @@ from routers.openapi.responses import (
     served_file,
     signed_url_parameters,
 )
+from routers.paging import PageDep
 from routers.serving import stored_file_response
 from routers.upload_limits import MAX_UPLOAD_BYTES, MULTIPART_OVERHEAD, capped_request, too_large
 from services.asset_persistence import (
     CharacterReferenceNotFoundError,
     CharacterReferenceRecord,
     CloudImage,
+    ListFilter,
 )
 
 router = APIRouter(prefix="/api/mv", tags=["character references"])
@@ -168,6 +173,33 @@ async def get_character_reference_thumbnail(
     missing = CharacterReferenceNotFoundError(str(image_id))
     located = await delivery.locate_thumbnail(found.key, found.sha256, size, missing)
     return await stored_file_response(request, located, redirect=True, cloud_reply=cloud_location)
+
+
+@router.get(
+    "/character_references",
+    response_model=CharacterReferencePage,
+    responses={404: {"description": "`job_id` names no job of yours"}},
+)
+async def list_character_references(
+    page: PageDep,
+    assets: AssetsDep,
+    jobs: JobsDep,
+    principal: PrincipalDep,
+    job_id: Annotated[
+        str | None, Query(pattern=JOB_ID_PATTERN, description="only those given to this job")
+    ] = None,
+    reference_image_id: Annotated[
+        uuid.UUID | None, Query(description="only those made from this image")
+    ] = None,
+) -> CharacterReferencePage:
+    """Your stored character references (operators: `owner`'s), newest first, paged."""
+    if job_id is not None and reference_image_id is not None:
+        raise FieldError(("query", "reference_image_id"), "filter by job_id or by this, not both")
+    if job_id is not None:
+        await jobs.check_visible(job_id, principal)
+    reference = str(reference_image_id) if reference_image_id is not None else None
+    which = ListFilter(reference_image_id=reference, job_id=job_id)
+    return await assets.list_character_references(page.owner, which, page.limit, page.cursor)
 
 
 @router.delete(

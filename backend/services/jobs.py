@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from mv.ids import parse_image_id, parse_job_id
 from mv.jobs import CreateJobRequest, Job, JobAsset, JobRecord, new_job_id
+from mv.lists import JobListItem, JobPage
 from mv.principals import EVERYONE, Principal
 from services.asset_persistence import (
     CHARACTER_REFERENCES_CATEGORY,
@@ -16,6 +17,7 @@ from services.asset_persistence import (
     utc_now,
 )
 from services.idempotency import IdempotencyStore
+from services.owner_index import OwnerIndex
 from services.storage import (
     IMAGE_CONTENT_TYPES,
     JOB_CHARACTER_REFERENCE_DIR,
@@ -27,6 +29,8 @@ from services.storage import (
 )
 
 JOB_RECORDS_PREFIX = "job_records"
+JOB_INDEX_ROOT = f"{JOB_RECORDS_PREFIX}/index"
+ALL_JOBS = "all"
 CREATE_SCOPE = "jobs"
 
 
@@ -46,6 +50,7 @@ class JobService:
         self.assets = assets
         self.storage = assets.storage
         self.idempotency = idempotency
+        self.index = OwnerIndex(self.storage, JOB_INDEX_ROOT)
 
     async def create(
         self,
@@ -82,13 +87,34 @@ class JobService:
             )
         except PreconditionFailedError:
             raise JobExistsError(f"job {job_id} already exists") from None
+        await asyncio.to_thread(self.index.add, owner, [ALL_JOBS], record.created_at, job_id)
         return job_id
+
+    async def list(self, owner: str | None, limit: int, cursor: str | None = None) -> JobPage:
+        """One page of `owner`'s jobs, newest first (jobs a worker persisted without a record
+        are not listed); InvalidCursorError for a cursor that is not this list's."""
+        page = await asyncio.to_thread(self.index.page, owner, ALL_JOBS, limit, cursor)
+        records = await asyncio.gather(
+            *(asyncio.to_thread(self._read_record, job_id) for job_id in page.item_ids)
+        )
+        items = [
+            JobListItem(
+                job_id=record.job_id, created_at=record.created_at, metadata=record.metadata
+            )
+            for record in records
+            if record is not None  # deleted this very moment
+        ]
+        return JobPage(items=items, next_cursor=page.next_cursor)
 
     async def check_visible(self, job_id: str, viewer: Principal = EVERYONE) -> None:
         """JobNotFoundError unless the job exists (created through the API, or persisted by a
         worker) and `viewer` may see it. A job a worker persisted without a record has no
         owner: an operator's only."""
-        job_id = parse_job_id(job_id)
+        await self._visible_record(parse_job_id(job_id), viewer)
+
+    async def _visible_record(self, job_id: str, viewer: Principal) -> JobRecord | None:
+        """The job's record (None for a job a worker persisted without one); JobNotFoundError
+        unless the job exists and `viewer` may see it."""
         record = await asyncio.to_thread(self._read_record, job_id)
         if record is None and not await asyncio.to_thread(
             self.storage.exists, job_manifest_key(job_id)
@@ -96,6 +122,7 @@ class JobService:
             raise JobNotFoundError(job_id)
         if not viewer.may_see(record.owner if record is not None else None):
             raise JobNotFoundError(job_id)
+        return record
 
     def _read_record(self, job_id: str) -> JobRecord | None:
         try:
@@ -176,7 +203,11 @@ class JobService:
         or another owner's than `viewer` may see.
         """
         job_id = parse_job_id(job_id)
-        await self.check_visible(job_id, viewer)
+        record = await self._visible_record(job_id, viewer)
+        if record is not None:  # out of its owner's list first
+            await asyncio.to_thread(
+                self.index.remove, record.owner, [ALL_JOBS], record.created_at, job_id
+            )
         removed = await self.assets.delete_job_assets(job_id)
         await asyncio.to_thread(self.storage.delete, job_record_key(job_id))  # "it exists": last
         return [*removed, job_record_key(job_id)]

@@ -37,6 +37,7 @@ from services.generation.records import GenerationNotFoundError, StoredGeneratio
 from services.generation.service import GenerationFinishedError, WebhooksDisabledError
 from services.idempotency import IdempotencyKeyError, IdempotencyKeyInUseError
 from services.jobs import JobExistsError
+from services.owner_index import InvalidCursorError
 from services.storage import (
     ConcurrentUpdateError,
     ObjectNotFoundError,
@@ -82,6 +83,7 @@ _FIELD_ERRORS: list[tuple[type[Exception], tuple[str, str]]] = [
     (WebhookRefusedError, ("body", "webhook_url")),
     (GeneratorNotOfferedError, ("body", "backend")),
     (ReferencesNotSupportedError, ("body", "reference_image_ids")),
+    (InvalidCursorError, ("query", "cursor")),
 ]
 
 

@@ -12,6 +12,7 @@ package imports from here. Read it top-down:
   URLs that work without an API key;
 - `delivery`: what a GET serves (a presigned URL, or the local copy) and `thumbnails`;
 - `deletion` (in an order that is safe to repeat) and `retention` (unpicked candidates);
+- `listing`: every owner's images in an index in the store, paged newest first;
 - `records` (the sidecar and manifest models) and `images` (image formats from their bytes).
 """
 
@@ -24,6 +25,7 @@ from services.asset_persistence.images import (
     identify_image,
     verify_image,
 )
+from services.asset_persistence.listing import ListFilter
 from services.asset_persistence.manifests import JobNotFoundError, merge_manifest
 from services.asset_persistence.records import (
     CHARACTER_REFERENCES_CATEGORY,
@@ -66,6 +68,7 @@ __all__ = [
     "ImageKind",
     "JobManifest",
     "JobNotFoundError",
+    "ListFilter",
     "LocalImageFile",
     "ManifestEntry",
     "SignatureCheck",

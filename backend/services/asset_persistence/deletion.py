@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from services.asset_persistence.listing import CharacterReferenceIndex
+from services.asset_persistence.records import read_sidecar
 from services.storage import (
     IMAGE_CONTENT_TYPES,
     THUMBNAIL_SIZES,
@@ -37,11 +39,14 @@ async def _delete_all(storage: StorageBackend, keys: list[str]) -> None:
 
 
 async def delete_character_reference(storage: StorageBackend, image_id: str) -> list[str]:
-    """Delete a standalone image, its thumbnails and its sidecar; return the keys that were
-    there (empty: nothing to delete)."""
+    """Delete a standalone image's list entries, thumbnails, image and sidecar; return the
+    keys of the image, thumbnails and sidecar that were there (empty: nothing to delete)."""
     keys = character_reference_keys(image_id)
     present = await asyncio.gather(*(asyncio.to_thread(storage.exists, key) for key in keys))
     found = [key for key, exists in zip(keys, present, strict=True) if exists]
+    record = await asyncio.to_thread(read_sidecar, storage, image_id)
+    if record is not None:  # out of every list first: a list never names a deleted image
+        await asyncio.to_thread(CharacterReferenceIndex(storage).remove, record)
     if found:
         *dependent, sidecar = keys
         await _delete_all(storage, dependent)

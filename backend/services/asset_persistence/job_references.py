@@ -50,8 +50,15 @@ class JobReferences:
             self.storage.download(key, local_copy, sha256)
             job_key = job_character_reference_key(job_id, image_id, extension)
             self.storage.put_file(job_key, local_copy, IMAGE_CONTENT_TYPES[extension])
+            self._list_in_job(image_id, job_id)
             urls.append(self.urls.for_key(job_key))
         return urls
+
+    def _list_in_job(self, image_id: str, job_id: str) -> None:
+        """Enter the image in its owner's list of the job's images (when it has a sidecar)."""
+        record = self.references.read_record(image_id)
+        if record is not None:
+            self.references.index.add_to_job(record, job_id)
 
     def copy_into_job(
         self, job_id: str, image_ids: list[str], viewer: Principal
@@ -67,6 +74,7 @@ class JobReferences:
             extension = key.rpartition(".")[2]
             relative = f"{JOB_CHARACTER_REFERENCE_DIR}/{image_id}.{extension}"
             earlier = listed.get(relative)
+            self._list_in_job(image_id, job_id)
             if sha256 is not None and earlier is not None and earlier.sha256 == sha256:
                 entries.append(earlier)  # attached before: nothing to copy
                 continue

@@ -9,7 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mv.ids import UuidText
 from mv.replies import REPLY_CONFIG
-from services.storage import validate_key
+from services.storage import (
+    ObjectNotFoundError,
+    StorageBackend,
+    character_reference_sidecar_key,
+    validate_key,
+)
 
 # The manifest category of a job's character references (other files: their top-level folder).
 CHARACTER_REFERENCES_CATEGORY = "character_references"
@@ -53,6 +58,15 @@ class CharacterReferenceRecord(GenerationDetails):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
     created_at: datetime = Field(default_factory=utc_now)
+
+
+def read_sidecar(storage: StorageBackend, image_id: str) -> CharacterReferenceRecord | None:
+    """The sidecar of a standalone image, or None. Blocking."""
+    try:
+        raw = storage.get_bytes(character_reference_sidecar_key(image_id))
+    except ObjectNotFoundError:
+        return None
+    return CharacterReferenceRecord.model_validate_json(raw)
 
 
 class ManifestEntry(BaseModel):

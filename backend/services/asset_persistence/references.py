@@ -14,11 +14,13 @@ from pathlib import Path
 
 from mv.principals import Principal
 from services.asset_persistence.images import ImageKind, UnsupportedImageError, identify_image
+from services.asset_persistence.listing import CharacterReferenceIndex
 from services.asset_persistence.records import (
     CHARACTER_REFERENCES_CATEGORY,
     CharacterReferenceRecord,
     GenerationDetails,
     ManifestEntry,
+    read_sidecar,
 )
 from services.asset_persistence.urls import AssetUrls
 from services.storage import (
@@ -120,6 +122,7 @@ class CharacterReferences:
     def __init__(self, storage: StorageBackend, urls: AssetUrls) -> None:
         self.storage = storage
         self.urls = urls
+        self.index = CharacterReferenceIndex(storage)
         # A miss is not remembered, so an image stored later (by another replica) is found.
         self.find = functools.lru_cache(maxsize=MAX_REMEMBERED_LOCATIONS)(self._find)
 
@@ -156,6 +159,8 @@ class CharacterReferences:
         await asyncio.gather(
             *(asyncio.to_thread(self.storage.put_bytes, *write) for write in writes)
         )
+        # Listed once it is stored: a list never names an image that cannot be read.
+        await asyncio.to_thread(self.index.add, record, job_id)
         url = await self.urls.for_stored_key(key)
         return StoredCharacterReference(
             id=image_id,
@@ -171,11 +176,7 @@ class CharacterReferences:
 
     def read_record(self, image_id: str) -> CharacterReferenceRecord | None:
         """The sidecar of a standalone image, or None. Blocking."""
-        try:
-            raw = self.storage.get_bytes(character_reference_sidecar_key(image_id))
-        except ObjectNotFoundError:
-            return None
-        return CharacterReferenceRecord.model_validate_json(raw)
+        return read_sidecar(self.storage, image_id)
 
     def _find(self, image_id: str) -> FoundImage:
         """Key, expected sha256 and owner of a standalone image, from its sidecar (or, with no

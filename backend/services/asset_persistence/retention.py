@@ -1,6 +1,7 @@
 """Retention of unpicked candidates (CANDIDATE_RETENTION_DAYS).
 
-Standalone candidates (`character_references/`: image, sidecar, thumbnails) expire; a picked
+Standalone candidates (`character_references/`: image, sidecar, thumbnails, and their
+entries in the owners' lists) expire; a picked
 image lives on as its job's copy under `jobs/`, which never expires. In S3 mode the bucket's
 lifecycle rule does the expiring (installed and verified by `python -m tools.retention`). The
 API sweeps the local tier in the background: in local mode that is the store itself, in S3
@@ -18,6 +19,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from services.asset_persistence.deletion import delete_character_reference
+from services.asset_persistence.listing import INDEX_ROOT, is_index_key
 from services.storage import CHARACTER_REFERENCES_PREFIX, LocalStorageBackend
 
 logger = logging.getLogger(__name__)
@@ -79,26 +81,40 @@ def lifecycle_problem(client: Any, bucket: str, days: int | None) -> str | None:
     return None
 
 
+def _older_than(storage: LocalStorageBackend, key: str, cutoff: float) -> bool:
+    with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+        return storage.path_for(key).stat().st_mtime < cutoff
+    return False
+
+
 def expired_candidates(storage: LocalStorageBackend, days: int, now: float) -> list[str]:
     """Ids of standalone candidates stored more than `days` days before `now`."""
     cutoff = now - days * _DAY
     expired = set()
     for key in storage.list_keys(CANDIDATES_PREFIX):
-        image_id = key.removeprefix(CANDIDATES_PREFIX).partition(".")[0]
-        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
-            if storage.path_for(key).stat().st_mtime < cutoff:
-                expired.add(image_id)
+        if not is_index_key(key) and _older_than(storage, key, cutoff):
+            expired.add(key.removeprefix(CANDIDATES_PREFIX).partition(".")[0])
     return sorted(expired)
+
+
+def expired_list_entries(storage: LocalStorageBackend, days: int, now: float) -> list[str]:
+    """List entries written more than `days` days before `now` (those of expired images
+    go with them; this finds the ones whose image is gone already)."""
+    cutoff = now - days * _DAY
+    return [key for key in storage.list_keys(INDEX_ROOT) if _older_than(storage, key, cutoff)]
 
 
 async def sweep_expired_candidates(
     storage: LocalStorageBackend, days: int, now: float | None = None
 ) -> list[str]:
-    """Delete candidates older than `days` days (image, sidecar, thumbnails); return their ids."""
+    """Delete candidates older than `days` days (image, sidecar, thumbnails, list entries);
+    return their ids."""
     now = time.time() if now is None else now
     expired = await asyncio.to_thread(expired_candidates, storage, days, now)
     for image_id in expired:
         await delete_character_reference(storage, image_id)
+    for key in await asyncio.to_thread(expired_list_entries, storage, days, now):
+        await asyncio.to_thread(storage.delete, key)
     if expired:
         logger.info("deleted %d candidate(s) older than %d days", len(expired), days)
     return expired

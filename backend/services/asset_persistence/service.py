@@ -13,11 +13,13 @@ from pathlib import Path
 
 from config import Settings, get_settings
 from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
+from mv.lists import CharacterReferenceListItem, CharacterReferencePage
 from mv.principals import EVERYONE, Principal
 from services.asset_persistence.deletion import delete_character_reference, delete_job_files
 from services.asset_persistence.delivery import ImageDelivery
 from services.asset_persistence.job_directories import JobDirectories, JobUrls
 from services.asset_persistence.job_references import JobReferences
+from services.asset_persistence.listing import ListFilter
 from services.asset_persistence.manifests import JobManifests, merger_for
 from services.asset_persistence.records import (
     CharacterReferenceRecord,
@@ -43,6 +45,7 @@ from services.storage import (
     character_reference_key,
     get_storage_backend,
     job_character_reference_key,
+    normalize_image_extension,
 )
 
 
@@ -265,6 +268,38 @@ class AssetPersistenceService:
         ids = [parse_image_id(image_id) for image_id in image_ids]
         entries = await asyncio.to_thread(self.job_references.copy_into_job, job_id, ids, viewer)
         return await self.manifests.add(job_id, entries)
+
+    async def list_character_references(
+        self, owner: str | None, which: ListFilter, limit: int, cursor: str | None = None
+    ) -> CharacterReferencePage:
+        """One page of `owner`'s standalone images, newest first: a listing and one sidecar
+        read per image, whatever the owner has stored. InvalidCursorError for a cursor that
+        is not this list's."""
+        page = await asyncio.to_thread(self.references.index.page, owner, which, limit, cursor)
+        records = await asyncio.gather(
+            *(asyncio.to_thread(self.references.read_record, id_) for id_ in page.item_ids)
+        )
+        # An entry whose image is gone (deleted or expired this very moment) is left out.
+        present = [record for record in records if record is not None]
+        items = await asyncio.to_thread(lambda: [self._list_item(r) for r in present])
+        return CharacterReferencePage(items=items, next_cursor=page.next_cursor)
+
+    def _list_item(self, record: CharacterReferenceRecord) -> CharacterReferenceListItem:
+        extension = normalize_image_extension(record.content_type.rpartition("/")[2])
+        key = character_reference_key(record.id, extension)
+        return CharacterReferenceListItem(
+            id=record.id,
+            url=self.urls.for_key(key),
+            thumbnail_url=self.urls.thumbnail(key),
+            created_at=record.created_at,
+            character_description=record.description,
+            seed=record.seed,
+            width=record.width,
+            height=record.height,
+            content_type=record.content_type,
+            view=record.view,
+            reference_image_ids=record.reference_image_ids,
+        )
 
     async def add_to_job_manifest(
         self, job_id: str, entries: Sequence[ManifestEntry]

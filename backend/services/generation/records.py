@@ -25,6 +25,7 @@ from mv.generation_jobs import (
 )
 from services.asset_persistence import utc_now
 from services.generation.base import GenerationError
+from services.owner_index import IndexPage, OwnerIndex
 from services.storage import (
     ObjectNotFoundError,
     StorageBackend,
@@ -33,6 +34,8 @@ from services.storage import (
 )
 
 GENERATIONS_PREFIX = "generations"
+GENERATION_INDEX_ROOT = f"{GENERATIONS_PREFIX}/index"
+ALL_GENERATIONS = "all"
 FINISHED_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -97,6 +100,7 @@ class GenerationRecordStore:
     def __init__(self, storage: StorageBackend, instance: str) -> None:
         self.storage = storage
         self.instance = instance
+        self.index = OwnerIndex(storage, GENERATION_INDEX_ROOT)
 
     async def save(self, record: GenerationRecord) -> bool:
         """Write the record, and add or remove this instance's marker for it.
@@ -122,6 +126,14 @@ class GenerationRecordStore:
             await asyncio.gather(
                 asyncio.to_thread(self.storage.put_if_absent, key, data, "application/json"),
                 asyncio.to_thread(self.storage.put_bytes, marker, b"", "application/octet-stream"),
+            )
+            # Listed once the record exists: a failed save leaves no entry naming nothing.
+            await asyncio.to_thread(
+                self.index.add,
+                record.owner,
+                [ALL_GENERATIONS],
+                record.created_at,
+                record.generation_id,
             )
             return True
         updated = await asyncio.to_thread(update_object, self.storage, key, change)
@@ -151,6 +163,10 @@ class GenerationRecordStore:
         except ObjectNotFoundError:
             return None
         return GenerationRecord.model_validate_json(raw)
+
+    async def page(self, owner: str | None, limit: int, cursor: str | None) -> IndexPage:
+        """One page of `owner`'s generation ids, newest first."""
+        return await asyncio.to_thread(self.index.page, owner, ALL_GENERATIONS, limit, cursor)
 
     async def unfinished_of_this_instance(self) -> list[GenerationRecord]:
         """Records this instance left queued or running (after a crash, say)."""

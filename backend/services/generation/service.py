@@ -10,7 +10,12 @@ from mv.character_reference import (
     GenerateCharacterReferenceRequest,
     GenerateCharacterReferenceResponse,
 )
-from mv.generation_jobs import AsyncGenerateCharacterReferenceRequest, GenerationStatus
+from mv.generation_jobs import (
+    AsyncGenerateCharacterReferenceRequest,
+    GenerationState,
+    GenerationStatus,
+)
+from mv.lists import GenerationListItem, GenerationPage
 from mv.principals import EVERYONE, Principal
 from services.asset_persistence import API_PREFIX, AssetPersistenceService
 from services.generation.base import (
@@ -66,6 +71,11 @@ class GenerationService:
     def status_url(self, generation_id: str) -> str:
         """Where the generation's status is polled."""
         return self._status_base + generation_id
+
+    def events_url(self, generation_id: str) -> str:
+        """Where the generation's events stream (signed when the API needs keys)."""
+        path = f"{API_PREFIX}/character_reference_jobs/{generation_id}/events"
+        return self.assets.urls.local.for_path(path)
 
     # --------------------------------------------------------------- submit
 
@@ -145,6 +155,10 @@ class GenerationService:
             raise GenerationNotFoundError(f"generation {generation_id} not found")
         return record
 
+    async def check_visible(self, generation_id: str, viewer: Principal = EVERYONE) -> None:
+        """GenerationNotFoundError unless the generation exists and `viewer` may see it."""
+        await self._record(generation_id, viewer)
+
     async def status(self, generation_id: str, viewer: Principal = EVERYONE) -> GenerationStatus:
         """The generation's state, queue position, progress, and reply or error."""
         return await self.present(await self._record(generation_id, viewer))
@@ -158,6 +172,7 @@ class GenerationService:
             generation_id=record.generation_id,
             status=record.status,
             status_url=self.status_url(record.generation_id),
+            events_url=self.events_url(record.generation_id),
             queue_position=self.queue.position(record.generation_id),
             progress=record.progress,
             created_at=record.created_at,
@@ -216,6 +231,31 @@ class GenerationService:
                     f"generation {generation_id} is still {record.status} on another replica"
                 )
             await asyncio.sleep(REPLAY_POLL_SECONDS)  # running on another replica
+
+    async def list(
+        self,
+        owner: str | None,
+        limit: int,
+        cursor: str | None = None,
+        status: GenerationState | None = None,
+    ) -> GenerationPage:
+        """One page of `owner`'s generations, newest first: a listing and one record read per
+        entry. With `status`, the page holds those of its entries in that state (maybe none);
+        InvalidCursorError for a cursor that is not this list's."""
+        page = await self.queue.records.page(owner, limit, cursor)
+        records = await asyncio.gather(*map(self.queue.record, page.item_ids))
+        items = [
+            GenerationListItem(
+                generation_id=record.generation_id,
+                status=record.status,
+                created_at=record.created_at,
+                finished_at=record.finished_at,
+                status_url=self.status_url(record.generation_id),
+            )
+            for record in records
+            if record is not None and (status is None or record.status == status)
+        ]
+        return GenerationPage(items=items, next_cursor=page.next_cursor)
 
     # -------------------------------------------------------------- cancel
 

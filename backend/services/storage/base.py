@@ -84,6 +84,11 @@ class StorageBackend(Protocol):
         """All keys under `prefix` (recursively), sorted."""
         ...
 
+    def list_page(self, prefix: str, start_after: str, limit: int) -> list[str]:
+        """At most `limit` keys under `prefix` that sort after `start_after`, sorted: one page
+        of a listing, one request whatever the number of keys (S3 `StartAfter`)."""
+        ...
+
     # Conditional writes: how records shared between processes and replicas are changed.
     # They go to the tier that arbitrates (S3 when configured) and never wait as pending.
 

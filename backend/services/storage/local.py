@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import mimetypes
 import os
 import stat
@@ -209,6 +210,34 @@ class LocalStorageBackend:
                     continue
                 keys.append(path.relative_to(self.root).as_posix())
         return sorted(keys)
+
+    def list_page(self, prefix: str, start_after: str, limit: int) -> list[str]:
+        """At most `limit` keys under `prefix` after `start_after`, sorted.
+
+        One directory walk that keeps only the smallest keys (no stat per file), so a page of
+        a folder with many thousands of entries takes milliseconds.
+        """
+        base = self.path_for(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        return heapq.nsmallest(limit, self._keys_after(base, folder, start_after))
+
+    def _keys_after(self, base: Path, folder: str, start_after: str) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(base))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            if base == self.root and entry.name.startswith("."):
+                continue
+            key = folder + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._keys_after(Path(entry.path), key + "/", start_after)
+            elif (
+                key > start_after
+                and entry.is_file(follow_symlinks=False)
+                and not is_temp_file(Path(entry.path))
+            ):
+                yield key
 
     def check(self) -> None:
         """Raise a StorageError unless the root directory exists (or can be made), writable."""

@@ -278,6 +278,18 @@ class S3StorageBackend:
                 keys.extend(item["Key"] for item in page.get("Contents", []))
         return sorted(keys)
 
+    def list_page(self, prefix: str, start_after: str, limit: int) -> list[str]:
+        """At most `limit` keys under the folder `prefix` after `start_after`: one request."""
+        folder = validate_key(prefix.rstrip("/")) + "/" if prefix.strip("/") else ""
+        with _translated("list", folder or "/"):
+            page = self._client.list_objects_v2(
+                Bucket=self.bucket,
+                Prefix=folder,
+                StartAfter=max(start_after, folder),
+                MaxKeys=limit,
+            )
+        return sorted(item["Key"] for item in page.get("Contents", []))[:limit]
+
     def presign(self, key: str, expires_in: int) -> PresignedUrl:
         """A presigned GET URL (no request is made)."""
         validate_key(key)

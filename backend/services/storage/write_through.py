@@ -247,6 +247,20 @@ class WriteThroughStorageBackend:
         remote.update(key for key in self.pending_keys() if key.startswith(folder))
         return sorted(remote)
 
+    def list_page(self, prefix: str, start_after: str, limit: int) -> list[str]:
+        """A page of S3's keys, with the pending ones that fall in it."""
+        remote = self.remote.list_page(prefix, start_after, limit)
+        folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        # A pending key belongs on this page when it sorts before the page's last S3 key (or
+        # S3 had no more keys): the next page starts after that key.
+        end = remote[-1] if len(remote) == limit else None
+        pending = [
+            key
+            for key in self.pending_keys()
+            if key.startswith(folder) and key > start_after and (end is None or key < end)
+        ]
+        return sorted({*remote, *pending})[:limit]
+
     def presign(self, key: str, expires_in: int) -> PresignedUrl:
         """A presigned S3 URL."""
         return self.remote.presign(key, expires_in)

@@ -1,0 +1,95 @@
+"""Lists of standalone character references, per owner, newest first.
+
+Every stored reference is entered in its owner's index (`services.owner_index`) under
+`character_references/index/`: in scope `all`, in `from-{id}` for each image it was made
+from, and in `job-{job_id}` for each job it was given to. The entries live under
+`character_references/`, so the candidates' retention rule expires them with the images
+they list. A job scope is recorded beside the image too (`{image_id}.jobs/{job_id}`), so that
+deleting an image finds every entry it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.asset_persistence.records import CharacterReferenceRecord
+from services.owner_index import IndexPage, OwnerIndex
+from services.storage import CHARACTER_REFERENCES_PREFIX, StorageBackend
+
+INDEX_ROOT = f"{CHARACTER_REFERENCES_PREFIX}/index"
+ALL = "all"
+
+
+def made_from_scope(image_id: str) -> str:
+    """The scope of images made from the image `image_id`."""
+    return f"from-{image_id}"
+
+
+def job_scope(job_id: str) -> str:
+    """The scope of images given to the job `job_id`."""
+    return f"job-{job_id}"
+
+
+def jobs_folder(image_id: str) -> str:
+    """Where an image records the jobs it was given to (one empty object per job)."""
+    return f"{CHARACTER_REFERENCES_PREFIX}/{image_id}.jobs/"
+
+
+def is_index_key(key: str) -> bool:
+    """Whether `key` is an index entry (not an image, sidecar or thumbnail)."""
+    return key.startswith(INDEX_ROOT + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """Which of an owner's images a list holds: all, those made from one, or one job's."""
+
+    reference_image_id: str | None = None
+    job_id: str | None = None
+
+    @property
+    def scope(self) -> str:
+        """The index scope that holds exactly these images."""
+        if self.job_id is not None:
+            return job_scope(self.job_id)
+        if self.reference_image_id is not None:
+            return made_from_scope(self.reference_image_id)
+        return ALL
+
+
+class CharacterReferenceIndex:
+    """Enters images in their owner's index, takes them out, and pages through it. Blocking."""
+
+    def __init__(self, storage: StorageBackend) -> None:
+        self.storage = storage
+        self.index = OwnerIndex(storage, INDEX_ROOT)
+
+    def add(self, record: CharacterReferenceRecord, job_id: str | None = None) -> None:
+        """Enter a newly stored image (and, with `job_id`, the job it was stored into)."""
+        scopes = [ALL, *map(made_from_scope, record.reference_image_ids or [])]
+        self.index.add(record.owner, scopes, record.created_at, record.id)
+        if job_id is not None:
+            self.add_to_job(record, job_id)
+
+    def add_to_job(self, record: CharacterReferenceRecord, job_id: str) -> None:
+        """Enter an image in a job's scope (recorded beside the image, for its delete)."""
+        marker = jobs_folder(record.id) + job_id
+        self.storage.put_bytes(marker, b"", "application/octet-stream")
+        self.index.add(record.owner, [job_scope(job_id)], record.created_at, record.id)
+
+    def remove(self, record: CharacterReferenceRecord) -> None:
+        """Take an image out of every scope it is in, and forget its jobs."""
+        markers = self.storage.list_keys(jobs_folder(record.id))
+        jobs = [marker.rpartition("/")[2] for marker in markers]
+        scopes = [ALL, *map(made_from_scope, record.reference_image_ids or [])]
+        self.index.remove(
+            record.owner, [*scopes, *map(job_scope, jobs)], record.created_at, record.id
+        )
+        for marker in markers:
+            self.storage.delete(marker)
+
+    def page(
+        self, owner: str | None, which: ListFilter, limit: int, cursor: str | None
+    ) -> IndexPage:
+        """One page of `owner`'s image ids, newest first."""
+        return self.index.page(owner, which.scope, limit, cursor)

@@ -291,3 +291,63 @@ def test_a_cancel_sent_to_the_replica_that_does_not_own_the_generation_stops_it(
         assert not pair.keys(f"generations/cancel/{generation_id}")  # the marker was consumed
     finally:
         worker.steps, worker.step_seconds = 4, 0.02
+
+
+def test_images_uploaded_on_both_replicas_are_listed_by_either(pair: Pair) -> None:
+    first, second = pair.replicas
+    before = {
+        item["id"]
+        for item in httpx.get(first.url + "/api/mv/character_references?limit=100").json()["items"]
+    }
+    calls = [
+        (lambda replica=replica, index=index: httpx.post(
+            replica.url + "/api/mv/upload_character_reference",
+            files={"file": (f"{index}.png", _png(900 + index), "image/png")},
+        ))
+        for index, replica in enumerate([first, second] * 4)
+    ]  # fmt: skip
+    replies = _all_at_once(calls)
+    assert [reply.status_code for reply in replies] == [201] * 8
+    uploaded = {reply.json()["id"] for reply in replies}
+    for replica in (first, second):
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+            page = httpx.get(replica.url + "/api/mv/character_references", params=params).json()
+            seen.extend(item["id"] for item in page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen))
+        assert set(seen) == uploaded | before
+    # A cursor handed out by one replica works on the other.
+    page = httpx.get(first.url + "/api/mv/character_references", params={"limit": 2}).json()
+    rest = httpx.get(
+        second.url + "/api/mv/character_references",
+        params={"limit": 100, "cursor": page["next_cursor"]},
+    ).json()
+    assert [item["id"] for item in page["items"]] + [item["id"] for item in rest["items"]] == seen
+
+
+def test_the_replica_that_does_not_run_a_generation_streams_its_events(pair: Pair) -> None:
+    worker = pair.worker
+    owner, other = pair.replicas
+    worker.steps, worker.step_seconds = 30, 0.1  # 3 s: progress is saved every second
+    try:
+        reply = httpx.post(
+            owner.url + "/api/mv/character_reference_jobs",
+            json={"character_description": "a slow snail", "num_images": 1},
+        )
+        assert reply.status_code == 202, reply.text
+        events_url = other.url + reply.json()["events_url"]
+        received = []
+        with httpx.stream("GET", events_url, timeout=30) as stream:
+            assert stream.status_code == 200
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    received.append(line.removeprefix("event: "))
+        assert received[-1] == "succeeded", received
+        assert "progress" in received, received  # read from the shared record
+    finally:
+        worker.steps, worker.step_seconds = 4, 0.02

@@ -4,8 +4,8 @@ Every stored reference is entered in its owner's index (`services.owner_index`) 
 `character_references/index/`: in scope `all`, in `from-{id}` for each image it was made
 from, and in `job-{job_id}` for each job it was given to. The entries live under
 `character_references/`, so the candidates' retention rule expires them with the images
-they list. A job scope is recorded beside the image too (`{image_id}.jobs/{job_id}`), so that
-deleting an image finds every entry it has.
+they list. The jobs an image was given to are recorded too (`index/jobs-of/{image_id}/`), so
+that deleting an image finds every entry it has with one listing.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def job_scope(job_id: str) -> str:
 
 
 def jobs_folder(image_id: str) -> str:
-    """Where an image records the jobs it was given to (one empty object per job)."""
-    return f"{CHARACTER_REFERENCES_PREFIX}/{image_id}.jobs/"
+    """Where the jobs an image was given to are recorded (one empty object per job)."""
+    return f"{INDEX_ROOT}/jobs-of/{image_id}/"
 
 
 def is_index_key(key: str) -> bool:

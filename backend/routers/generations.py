@@ -23,7 +23,12 @@ from routers.deps import (
     PrincipalDep,
 )
 from routers.mv import GENERATION_ERRORS
-from routers.openapi.responses import LOCATION, Responses
+from routers.openapi.responses import (
+    LOCATION,
+    Responses,
+    event_stream,
+    signed_url_parameters,
+)
 from routers.paging import PageDep
 
 router = APIRouter(prefix="/api/mv", tags=["asynchronous generation"])
@@ -80,8 +85,18 @@ async def visible_generation(
 @router.get(
     "/character_reference_jobs/{generation_id}/events",
     response_class=EventSourceResponse,
-    dependencies=[Depends(visible_generation)],
-    responses=_NOT_FOUND,
+    dependencies=[Depends(visible_generation), Depends(signed_url_parameters)],
+    responses={
+        200: event_stream(
+            {
+                "queued": "QueuedEvent",
+                "progress": "ProgressEvent",
+                **dict.fromkeys(("succeeded", "failed", "canceled"), "GenerationStatus"),
+            },
+            "the generation's progress until it finishes",
+        ),
+        **_NOT_FOUND,
+    },
 )
 async def stream_character_reference_job_events(
     generation_id: GenerationId,

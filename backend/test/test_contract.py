@@ -52,6 +52,8 @@ CALLS = [
     "attach",
     "async submit and poll",
     "cancel",
+    "events",
+    "lists",
     "error shape",
     "delete",
 ]
@@ -192,6 +194,8 @@ def run_python_calls(base_url: str, mode: str) -> list[str]:
     from mv_backend_client.api.asynchronous_generation import (
         cancel_character_reference_job,
         get_character_reference_job,
+        list_character_reference_jobs,
+        stream_character_reference_job_events,
         submit_character_reference_job,
     )
     from mv_backend_client.api.character_references import (
@@ -200,9 +204,15 @@ def run_python_calls(base_url: str, mode: str) -> list[str]:
         get_character_reference,
         get_character_reference_metadata,
         get_character_reference_thumbnail,
+        list_character_references,
         upload_character_reference,
     )
-    from mv_backend_client.api.jobs import attach_character_references, create_job, get_job
+    from mv_backend_client.api.jobs import (
+        attach_character_references,
+        create_job,
+        get_job,
+        list_jobs,
+    )
     from mv_backend_client.models import (
         AsyncGenerateCharacterReferenceRequest,
         AttachCharacterReferencesRequest,
@@ -210,6 +220,7 @@ def run_python_calls(base_url: str, mode: str) -> list[str]:
         CreateJobRequest,
         ErrorReply,
         GenerateCharacterReferenceRequest,
+        ListCharacterReferenceJobsStatus,
         ServiceErrorDetail,
         ThumbnailSize,
         UploadCharacterReferenceBody,
@@ -335,6 +346,29 @@ def run_python_calls(base_url: str, mode: str) -> list[str]:
         canceled = cancel_character_reference_job.sync(generation_id, client=client)
         assert canceled.status.value == "canceled"
         passed.append("cancel")
+
+        streamed = stream_character_reference_job_events.sync_detailed(generation_id, client=client)
+        assert streamed.status_code == 200
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        *_, last = [block for block in streamed.content.decode().split("\n\n") if block]
+        assert last.splitlines()[0] == "event: canceled"
+        passed.append("events")
+
+        characters = list_character_references.sync(client=client, limit=2)
+        assert [item.id for item in characters.items] == [
+            finished.result.images[0].id,
+            uploaded.id,
+        ]
+        older = list_character_references.sync(
+            client=client, limit=100, cursor=characters.next_cursor
+        )
+        assert image.id in [item.id for item in older.items] and older.next_cursor is None
+        assert list_jobs.sync(client=client).items[0].job_id == job_id
+        canceled_ones = list_character_reference_jobs.sync(
+            client=client, status=ListCharacterReferenceJobsStatus("canceled")
+        )
+        assert canceled_ones.items[0].generation_id == generation_id  # the newest
+        passed.append("lists")
 
         invalid = generate_character_reference.sync_detailed(
             client=client, body=GenerateCharacterReferenceRequest(character_description="")

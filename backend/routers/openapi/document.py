@@ -10,11 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
+from mv.generation_jobs import ProgressEvent, QueuedEvent
 from routers.errors import ErrorReply
 from routers.openapi.responses import RETRY_AFTER, header
 
 _REF = "#/components/schemas/{model}"
+# Models that event streams send as `data`, which no JSON reply names.
+_EVENT_MODELS: tuple[type[BaseModel], ...] = (QueuedEvent, ProgressEvent)
 # FastAPI's own 422 schemas, which the app never sends.
 _REPLACED = ("HTTPValidationError", "ValidationError")
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorReply")}}}
@@ -82,6 +86,8 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
     error_schema = ErrorReply.model_json_schema(ref_template=_REF)
     schemas.update(error_schema.pop("$defs", {}))
     schemas["ErrorReply"] = error_schema
+    for model in _EVENT_MODELS:
+        schemas[model.__name__] = model.model_json_schema(ref_template=_REF, mode="serialization")
     components["securitySchemes"] = SECURITY_SCHEMES
     components["headers"] = HEADERS
     for path, operations in document.get("paths", {}).items():
@@ -130,6 +136,10 @@ def _finish_operation(path: str, operation: dict[str, Any]) -> None:
         responses.setdefault("413", {"description": "the request body is too large"})
     responses.setdefault("500", {"description": "internal error; the server log has the details"})
     for status, response in responses.items():
+        for media in response.get("content", {}).values():
+            # An OpenAPI 3.2 keyword FastAPI adds to event streams; this is a 3.1 document,
+            # and the route declares its events itself.
+            media.pop("itemSchema", None)
         headers = response.setdefault("headers", {})
         if status[0] in "45" and _is_error_shaped(response):
             response["content"] = _ERROR_CONTENT

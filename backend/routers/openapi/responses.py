@@ -85,6 +85,30 @@ def served_file(
     }
 
 
+def event_stream(events: dict[str, str], what: str) -> dict[str, Any]:
+    """The 200 of a Server-Sent Events route: `events` maps each event name to the component
+    schema of its `data` (JSON on one line)."""
+    names = ", ".join(f"`{name}` ({model})" for name, model in events.items())
+    return {
+        "description": f"{what}: a text/event-stream of events, each with an `id`, an `event` "
+        f"name and one `data` line of JSON: {names}; comment lines (`:`) are heartbeats",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "string",
+                    # What each event's `data` line holds, for clients that decode it.
+                    "contentSchema": {
+                        "anyOf": [
+                            {"$ref": f"#/components/schemas/{model}"}
+                            for model in dict.fromkeys(events.values())
+                        ]
+                    },
+                },
+            }
+        },
+    }
+
+
 # Declared for the document; ApiKeyMiddleware checks them before any route runs.
 async def signed_url_parameters(
     expires: Annotated[

@@ -112,6 +112,27 @@ const canceled = await api.cancel(held.generation_id);
 assert.equal(canceled.status, "canceled");
 passed.push("cancel");
 
+const streamed = await api.events(held.events_url);
+const last = streamed[streamed.length - 1];
+assert.equal(last?.event, "canceled");
+assert.equal(last?.id, "f");
+assert.equal(last?.data.generation_id, held.generation_id);
+passed.push("events");
+
+const characters = await api.characters(undefined, 2);
+assert.deepEqual(
+  characters.items.map((item) => item.id),
+  [finished.result?.images[0]?.id, uploaded.id],
+);
+assert.ok(characters.next_cursor !== null);
+const older = await api.characters(characters.next_cursor, 3);
+assert.ok(older.items.some((item) => item.id === image.id));
+const jobs = await api.jobs();
+assert.equal(jobs.items[0]?.job_id, jobId);
+const canceledOnes = await api.generations("canceled");
+assert.equal(canceledOnes.items[0]?.generation_id, held.generation_id); // the newest
+passed.push("lists");
+
 const invalid = await expectError(() => api.generate({ character_description: "" }));
 assert.equal(invalid.status, 422);
 assert.equal(invalid.error, "ValidationError");

@@ -13,6 +13,17 @@ export type ErrorReply = Schemas["ErrorReply"];
 export type ErrorName = ErrorReply["detail"]["error"];
 export type FieldProblem = Schemas["FieldProblem"];
 export type ThumbnailSize = Schemas["ThumbnailSize"];
+export type CharacterReferencePage = Schemas["CharacterReferencePage"];
+export type JobPage = Schemas["JobPage"];
+export type GenerationPage = Schemas["GenerationPage"];
+export type GenerationState = GenerationStatus["status"];
+/** What an event's `data` line holds: the event stream's declared data schemas. */
+export type EventData = Schemas["QueuedEvent"] | Schemas["ProgressEvent"] | GenerationStatus;
+export interface GenerationEvent {
+  event: string;
+  id: string;
+  data: EventData;
+}
 
 const FINISHED: ReadonlySet<GenerationStatus["status"]> = new Set([
   "succeeded",
@@ -196,6 +207,55 @@ export function backend(baseUrl: string, apiKey?: string) {
         if (Date.now() > deadline) throw new Error(`still ${status.status} after ${timeoutMs} ms`);
         await new Promise((resolve) => setTimeout(resolve, 50));
       }
+    },
+
+    /** A page of my characters, newest first (`cursor`: the last page's next_cursor). */
+    async characters(cursor?: string, limit = 50): Promise<CharacterReferencePage> {
+      const result = await client.GET("/api/mv/character_references", {
+        params: { query: { limit, ...(cursor === undefined ? {} : { cursor }) } },
+      });
+      return unwrap(result);
+    },
+
+    /** A page of my jobs, newest first. */
+    async jobs(cursor?: string, limit = 50): Promise<JobPage> {
+      const result = await client.GET("/api/mv/jobs", {
+        params: { query: { limit, ...(cursor === undefined ? {} : { cursor }) } },
+      });
+      return unwrap(result);
+    },
+
+    /** A page of my generations, newest first, optionally only those in one state. */
+    async generations(status?: GenerationState, limit = 50): Promise<GenerationPage> {
+      const result = await client.GET("/api/mv/character_reference_jobs", {
+        params: { query: { limit, ...(status === undefined ? {} : { status }) } },
+      });
+      return unwrap(result);
+    },
+
+    /** Every event of a generation's stream, read to its end (Node has no EventSource). */
+    async events(eventsUrl: string): Promise<GenerationEvent[]> {
+      const response = await fetch(new URL(eventsUrl, baseUrl), {
+        headers: apiKey === undefined ? {} : { "X-API-Key": apiKey },
+      });
+      if (!response.ok) throw new Error(`the event stream answered ${response.status}`);
+      if (!(response.headers.get("content-type") ?? "").startsWith("text/event-stream")) {
+        throw new Error("the event stream is not text/event-stream");
+      }
+      const events: GenerationEvent[] = [];
+      for (const block of (await response.text()).split("\n\n")) {
+        const fields = new Map<string, string>();
+        for (const line of block.split("\n")) {
+          if (line === "" || line.startsWith(":")) continue;
+          const at = line.indexOf(":");
+          fields.set(line.slice(0, at), line.slice(at + 1).trimStart());
+        }
+        const event = fields.get("event");
+        const data = fields.get("data");
+        if (event === undefined || data === undefined) continue;
+        events.push({ event, id: fields.get("id") ?? "", data: JSON.parse(data) as EventData });
+      }
+      return events;
     },
 
     /** Stop a queued or running generation. */

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from config import get_settings
-from conftest import ApiHarness, BlockingGenerator, assert_error_shape, image_bytes
+from conftest import ApiHarness, BlockingGenerator, assert_error_shape, image_bytes, wait_until
 from services.asset_persistence import AssetPersistenceService
-from tools import assign_owner
+from tools import assign_owner, index_lists
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef"
@@ -304,3 +304,43 @@ def test_the_assign_command_gives_what_has_no_owner_to_one(
     assert api.client.get("/api/mv/jobs/from-a-worker", headers=as_(BOB)).status_code == 200
     assert api.client.get("/api/mv/jobs/from-a-worker", headers=as_(ALICE)).status_code == 404
     assert api.client.get(metadata.format(alices), headers=as_(ALICE)).json()["owner"] == "alice"
+    # Given to Bob, they are in his lists, and no longer in the list of what has no owner.
+    bobs_images = api.client.get("/api/mv/character_references", headers=as_(BOB)).json()
+    assert [item["id"] for item in bobs_images["items"]] == [ownerless.id]
+    bobs_jobs = api.client.get("/api/mv/jobs", headers=as_(BOB)).json()
+    assert [item["job_id"] for item in bobs_jobs["items"]] == ["from-a-worker"]
+    assert storage.list_keys("character_references/index/unowned/") == []
+
+
+def test_the_index_command_lists_what_was_stored_before_lists_existed(
+    make_api: Callable[..., ApiHarness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = owners_api(make_api)
+    image_id = upload(api, ALICE)["id"]
+    job_id = api.client.post("/api/mv/jobs", json={}, headers=as_(ALICE)).json()["job_id"]
+    generation = api.client.post(JOBS, json=BODY, headers=as_(ALICE)).json()["generation_id"]
+    storage = api.client.app.state.assets.storage
+    wait_until(
+        lambda: (
+            api.client.get(f"{JOBS}/{generation}", headers=as_(ALICE)).json()["status"]
+            == "succeeded"
+        )
+    )
+    lists = ("/api/mv/character_references", "/api/mv/jobs", JOBS)
+    before = [api.client.get(path, headers=as_(ALICE)).json() for path in lists]
+    for root in ("character_references/index/", "job_records/index/", "generations/index/"):
+        for key in storage.list_keys(root):
+            storage.delete(key)  # as a store written before lists existed
+    assert all(api.client.get(path, headers=as_(ALICE)).json()["items"] == [] for path in lists)
+    monkeypatch.setenv("STORAGE_BACKEND", "local")
+    monkeypatch.setenv("OUTPUT_DIR", str(api.settings.output_dir))
+    get_settings.cache_clear()
+    try:
+        assert index_lists.main([]) == 0
+        assert index_lists.main([]) == 0  # safe to repeat
+    finally:
+        get_settings.cache_clear()
+    after = [api.client.get(path, headers=as_(ALICE)).json() for path in lists]
+    assert after == before
+    assert image_id in {item["id"] for item in after[0]["items"]}
+    assert [item["job_id"] for item in after[1]["items"]] == [job_id]

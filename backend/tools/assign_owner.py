@@ -22,22 +22,17 @@ from collections.abc import Sequence
 from config import settings_or_exit
 from mv.jobs import JobRecord
 from services.asset_persistence import JobManifest
-from services.generation.records import GENERATIONS_PREFIX
-from services.jobs import JOB_RECORDS_PREFIX, job_record_key
+from services.jobs import job_record_key
 from services.storage import (
     ObjectNotFoundError,
     PreconditionFailedError,
     StorageBackend,
     get_storage_backend,
 )
+from tools import index_lists
 
-_UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 # The records that carry an owner, by the prefix they live under and the shape of their key.
-RECORDS = {
-    "image": ("character_references/", re.compile(rf"character_references/{_UUID}\.json")),
-    "job": (f"{JOB_RECORDS_PREFIX}/", re.compile(rf"{JOB_RECORDS_PREFIX}/[^/]+\.json")),
-    "generation": (f"{GENERATIONS_PREFIX}/", re.compile(rf"{GENERATIONS_PREFIX}/{_UUID}\.json")),
-}
+RECORDS = index_lists.RECORDS
 _MANIFEST = re.compile(r"jobs/([^/]+)/manifest\.json")
 MAX_ATTEMPTS = 5
 
@@ -78,6 +73,7 @@ def assign(storage: StorageBackend, kind: str, key: str, owner: str) -> bool:
             )
         except PreconditionFailedError:
             return False
+        index_lists.enter(storage, "job", job_record_key(job_id))
         return True
     for _ in range(MAX_ATTEMPTS):
         current = storage.get_versioned(key)
@@ -91,6 +87,7 @@ def assign(storage: StorageBackend, kind: str, key: str, owner: str) -> bool:
             )
         except PreconditionFailedError:
             continue  # changed since it was read: look again
+        index_lists.enter(storage, kind, key, was_unowned=True)  # into the owner's lists
         return True
     raise RuntimeError(f"{key} kept changing; run the command again")
 

@@ -77,16 +77,26 @@ class CharacterReferenceIndex:
         self.storage.put_bytes(marker, b"", "application/octet-stream")
         self.index.add(record.owner, [job_scope(job_id)], record.created_at, record.id)
 
+    def _scopes(self, record: CharacterReferenceRecord) -> tuple[list[str], list[str]]:
+        """Every scope the image is in, and the keys recording its jobs."""
+        markers = self.storage.list_keys(jobs_folder(record.id))
+        jobs = [job_scope(marker.rpartition("/")[2]) for marker in markers]
+        return [ALL, *map(made_from_scope, record.reference_image_ids or []), *jobs], markers
+
     def remove(self, record: CharacterReferenceRecord) -> None:
         """Take an image out of every scope it is in, and forget its jobs."""
-        markers = self.storage.list_keys(jobs_folder(record.id))
-        jobs = [marker.rpartition("/")[2] for marker in markers]
-        scopes = [ALL, *map(made_from_scope, record.reference_image_ids or [])]
-        self.index.remove(
-            record.owner, [*scopes, *map(job_scope, jobs)], record.created_at, record.id
-        )
+        scopes, markers = self._scopes(record)
+        self.index.remove(record.owner, scopes, record.created_at, record.id)
         for marker in markers:
             self.storage.delete(marker)
+
+    def enter(self, record: CharacterReferenceRecord, previous_owner: str | None = None) -> None:
+        """Enter a stored image in every scope it belongs to (safe to repeat); with
+        `previous_owner`, take it out of that owner's lists (it was given to another)."""
+        scopes, _ = self._scopes(record)
+        self.index.add(record.owner, scopes, record.created_at, record.id)
+        if previous_owner != record.owner:
+            self.index.remove(previous_owner, scopes, record.created_at, record.id)
 
     def page(
         self, owner: str | None, which: ListFilter, limit: int, cursor: str | None

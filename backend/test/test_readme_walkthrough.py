@@ -136,5 +136,12 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     received = (copy / "webhooks.log").read_text()
     assert f"verified generation.canceled {generation_id}" in received
     assert "'status': 'delivered'" in output
+    # The canceled generation's event stream: its final event, and the end.
+    assert f'event: canceled\ndata: {{"generation_id":"{generation_id}"' in output
+    # Lists: two candidates per page, a cursor to the next, the images made from the first.
+    first_page = json.loads((copy / "page1.json").read_text())
+    assert len(first_page["items"]) == 2 and first_page["next_cursor"]
+    assert first_page["items"][0]["id"] == scene["images"][0]["id"]  # the newest
+    assert '"items":[{"job_id":"video-1"' in output
     assert '{"status":"ok"}' in output
     assert '"name":"mv-backend"' in output

@@ -10,6 +10,8 @@ ratio means the same on any machine:
 - thumbnails: bytes to show 4 candidates as thumbnails vs originals, and thumbnail GETs vs
   original GETs;
 - the event loop: /health latency while generations run vs idle;
+- lists and events: a list page for an owner with 10,000 images vs 100 (S3 on moto), and the
+  time from a progress step to the client over the event stream vs 1 s polling;
 - generation: the API end to end vs the bare pipeline (tiny FLUX on the CPU);
 - references: a 4-view turnaround sheet from a stored reference through the API vs the bare
   pipeline call with the same arguments (tiny FLUX.2 [klein] on the CPU);
@@ -39,6 +41,7 @@ import contention
 import generation
 import gpu_generation
 import health_under_load
+import lists
 import references
 import run as storage
 import serving
@@ -62,6 +65,7 @@ def main() -> int:
         ("serving", lambda: serving.measure(250, 6 if options.quick else 20)),
         ("thumbnails", lambda: thumbnails.measure(250, 6 if options.quick else 20)),
         ("event loop", lambda: health_under_load.measure(300 if options.quick else 500)),
+        ("lists and events", lambda: lists.measure(rounds, 30 if options.quick else 60)),
         ("generation", lambda: generation.measure(rounds)),
         ("references", lambda: references.measure(rounds)),
         ("worker tier", lambda: worker_tier.measure(rounds)),

@@ -46,6 +46,11 @@ def entry_name(created_at: datetime, item_id: str) -> str:
     return f"{inverted:013d}-{item_id}"
 
 
+def entry_key(root: str, owner: str | None, scope: str, created_at: datetime, item_id: str) -> str:
+    """The key of one entry of the index under `root`."""
+    return f"{root}/{owner_segment(owner)}/{scope}/{entry_name(created_at, item_id)}"
+
+
 def item_id_of(key: str) -> str:
     """The item id an entry's key names."""
     return key.rpartition("/")[2].partition("-")[2]
@@ -74,7 +79,7 @@ class OwnerIndex:
 
     def key(self, owner: str | None, scope: str, created_at: datetime, item_id: str) -> str:
         """The key of one entry."""
-        return self._folder(owner, scope) + entry_name(created_at, item_id)
+        return entry_key(self.root, owner, scope, created_at, item_id)
 
     def add(self, owner: str | None, scopes: list[str], created_at: datetime, item_id: str) -> None:
         """List the item in each scope (created if absent: adding twice is no change).

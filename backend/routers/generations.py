@@ -72,7 +72,7 @@ async def list_character_reference_jobs(
     """Your generations (operators: `owner`'s), newest first, paged. With `status`, a page
     holds those of its entries in that state: maybe fewer than `limit`, or none, with more
     to follow in `next_cursor`."""
-    return await generations.list(page.owner, page.limit, page.cursor, status)
+    return await generations.list_generations(page.owner, page.limit, page.cursor, status)
 
 
 async def visible_generation(

@@ -58,7 +58,7 @@ async def create_job(
 @router.get("", response_model=JobPage)
 async def list_jobs(page: PageDep, jobs: JobsDep) -> JobPage:
     """Your jobs (operators: `owner`'s), newest first, paged."""
-    return await jobs.list(page.owner, page.limit, page.cursor)
+    return await jobs.list_jobs(page.owner, page.limit, page.cursor)
 
 
 @router.get("/{job_id}", response_model=Job, responses=_NOT_FOUND)

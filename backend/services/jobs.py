@@ -90,7 +90,7 @@ class JobService:
         await asyncio.to_thread(self.index.add, owner, [ALL_JOBS], record.created_at, job_id)
         return job_id
 
-    async def list(self, owner: str | None, limit: int, cursor: str | None = None) -> JobPage:
+    async def list_jobs(self, owner: str | None, limit: int, cursor: str | None = None) -> JobPage:
         """One page of `owner`'s jobs, newest first (jobs a worker persisted without a record
         are not listed); InvalidCursorError for a cursor that is not this list's."""
         page = await asyncio.to_thread(self.index.page, owner, ALL_JOBS, limit, cursor)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.storage import (
+    HoldsPendingUploads,
     PreconditionFailedError,
     StorageBackend,
     StorageUnavailableError,
@@ -27,6 +28,7 @@ MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
 _NEWEST_MS = 9_999_999_999_999  # 13 digits: sortable until the year 2286
 _CURSOR_VERSION = 1
+_ENTRY_TYPE = "application/octet-stream"
 
 
 class InvalidCursorError(ValueError):
@@ -81,20 +83,38 @@ class OwnerIndex:
         """The key of one entry."""
         return entry_key(self.root, owner, scope, created_at, item_id)
 
-    def add(self, owner: str | None, scopes: list[str], created_at: datetime, item_id: str) -> None:
+    def add(
+        self,
+        owner: str | None,
+        scopes: list[str],
+        created_at: datetime,
+        item_id: str,
+        *,
+        pending: bool = False,
+    ) -> None:
         """List the item in each scope (created if absent: adding twice is no change).
 
-        When the arbitrating tier cannot be reached the entry is kept as a pending upload,
-        like the item it lists.
+        When the arbitrating tier cannot be reached (or, `pending`, the item itself was just
+        kept as a pending upload), the entry is kept as a pending upload too, without
+        waiting on the store again.
         """
         for scope in scopes:
             key = self.key(owner, scope, created_at, item_id)
+            if pending:
+                self._hold(key)
+                continue
             try:
-                self.storage.put_if_absent(key, b"", "application/octet-stream")
+                self.storage.put_if_absent(key, b"", _ENTRY_TYPE)
             except PreconditionFailedError:
                 pass  # listed already
             except StorageUnavailableError:
-                self.storage.put_bytes(key, b"", "application/octet-stream")
+                self._hold(key)
+
+    def _hold(self, key: str) -> None:
+        if isinstance(self.storage, HoldsPendingUploads):
+            self.storage.hold(key, b"", _ENTRY_TYPE)
+        else:
+            self.storage.put_bytes(key, b"", _ENTRY_TYPE)
 
     def remove(
         self, owner: str | None, scopes: list[str], created_at: datetime, item_id: str

@@ -147,7 +147,7 @@ def test_metrics_count_storage_errors_and_pending_uploads(
     assert reply.status_code == 201  # kept locally, pending
     text = api.client.get("/metrics").text
     assert 'mv_storage_operation_errors_total{backend="s3",operation="PutObject"}' in text
-    assert "mv_pending_uploads 2.0" in text  # the image and its sidecar
+    assert "mv_pending_uploads 3.0" in text  # the image, its sidecar and its list entry
 
 
 def test_unmatched_paths_share_one_metrics_label(make_api: Callable[..., ApiHarness]) -> None:

@@ -64,12 +64,16 @@ class CharacterReferenceIndex:
         self.storage = storage
         self.index = OwnerIndex(storage, INDEX_ROOT)
 
-    def add(self, record: CharacterReferenceRecord, job_id: str | None = None) -> None:
-        """Enter a newly stored image (and, with `job_id`, the job it was stored into)."""
+    def add(
+        self, record: CharacterReferenceRecord, job_id: str | None = None, *, pending: bool = False
+    ) -> None:
+        """Enter a newly stored image (and, with `job_id`, the job it was stored into);
+        `pending`: the image waits for an upload, and so do its entries."""
         scopes = [ALL, *map(made_from_scope, record.reference_image_ids or [])]
-        self.index.add(record.owner, scopes, record.created_at, record.id)
         if job_id is not None:
-            self.add_to_job(record, job_id)
+            scopes.append(job_scope(job_id))
+            self.storage.put_bytes(jobs_folder(record.id) + job_id, b"", "application/octet-stream")
+        self.index.add(record.owner, scopes, record.created_at, record.id, pending=pending)
 
     def add_to_job(self, record: CharacterReferenceRecord, job_id: str) -> None:
         """Enter an image in a job's scope (recorded beside the image, for its delete)."""

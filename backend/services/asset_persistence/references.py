@@ -156,11 +156,12 @@ class CharacterReferences:
             job_key = job_character_reference_key(job_id, image_id, image.kind.extension)
             writes.append((job_key, image.data, image.kind.content_type))
         # Independent writes: send them together.
-        await asyncio.gather(
+        stored = await asyncio.gather(
             *(asyncio.to_thread(self.storage.put_bytes, *write) for write in writes)
         )
         # Listed once it is stored: a list never names an image that cannot be read.
-        await asyncio.to_thread(self.index.add, record, job_id)
+        pending = any(result.pending for result in stored)
+        await asyncio.to_thread(functools.partial(self.index.add, record, job_id, pending=pending))
         url = await self.urls.for_stored_key(key)
         return StoredCharacterReference(
             id=image_id,

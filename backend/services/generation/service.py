@@ -232,7 +232,7 @@ class GenerationService:
                 )
             await asyncio.sleep(REPLAY_POLL_SECONDS)  # running on another replica
 
-    async def list(
+    async def list_generations(
         self,
         owner: str | None,
         limit: int,

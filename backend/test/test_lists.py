@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_ownership import ALICE, BOB, OPERATOR, as_, owners_api
 
 from conftest import ApiHarness, BlockingGenerator, StorageHarness, assert_error_shape, image_bytes
 from services.asset_persistence import (
@@ -30,32 +31,11 @@ from services.asset_persistence.retention import candidate_rule
 from services.owner_index import entry_name, item_id_of
 from services.storage import LocalStorageBackend
 
-ALICE = "alice-key-0123456789abcdef"
-BOB = "bob-key-0123456789abcdef"
-OPERATOR = "operator-key-0123456789abcdef"
 IMAGES = "/api/mv/character_references"
 JOBS = "/api/mv/jobs"
 GENERATIONS = "/api/mv/character_reference_jobs"
 UPLOAD = "/api/mv/upload_character_reference"
 MODES = pytest.mark.parametrize("mode", ["local", "s3"])
-
-
-def as_(key: str) -> dict[str, str]:
-    return {"X-API-Key": key}
-
-
-def owners_api(make_api: Callable[..., ApiHarness], mode: str = "local", **overrides: Any) -> Any:
-    """Alice, Bob and an operator, on a generator that finishes at once."""
-    blocking = BlockingGenerator()
-    blocking.release.set()
-    return make_api(
-        mode,
-        generators={"replicate": blocking},
-        image_generator="replicate",
-        api_keys=f"alice:{ALICE},bob:{BOB}",
-        admin_api_keys=f"ops:{OPERATOR}",
-        **overrides,
-    )
 
 
 def upload(api: ApiHarness, key: str, color: int = 0) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 
 from services.asset_persistence.listing import CharacterReferenceIndex
-from services.asset_persistence.records import read_sidecar
+from services.asset_persistence.records import CharacterReferenceRecord
 from services.storage import (
     IMAGE_CONTENT_TYPES,
     THUMBNAIL_SIZES,
@@ -38,13 +38,15 @@ async def _delete_all(storage: StorageBackend, keys: list[str]) -> None:
     await asyncio.gather(*(asyncio.to_thread(storage.delete, key) for key in keys))
 
 
-async def delete_character_reference(storage: StorageBackend, image_id: str) -> list[str]:
-    """Delete a standalone image's list entries, thumbnails, image and sidecar; return the
-    keys of the image, thumbnails and sidecar that were there (empty: nothing to delete)."""
+async def delete_character_reference(
+    storage: StorageBackend, image_id: str, record: CharacterReferenceRecord | None
+) -> list[str]:
+    """Delete a standalone image's list entries, thumbnails, image and sidecar (`record`, as
+    the caller read it; None when there is none); return the keys of the image, thumbnails
+    and sidecar that were there (empty: nothing to delete)."""
     keys = character_reference_keys(image_id)
     present = await asyncio.gather(*(asyncio.to_thread(storage.exists, key) for key in keys))
     found = [key for key, exists in zip(keys, present, strict=True) if exists]
-    record = await asyncio.to_thread(read_sidecar, storage, image_id)
     if record is not None:  # out of every list first: a list never names a deleted image
         await asyncio.to_thread(CharacterReferenceIndex(storage).remove, record)
     if found:

@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError
 
 from services.asset_persistence.deletion import delete_character_reference
 from services.asset_persistence.listing import INDEX_ROOT, is_index_key
+from services.asset_persistence.records import read_sidecar
 from services.storage import CHARACTER_REFERENCES_PREFIX, LocalStorageBackend
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ async def sweep_expired_candidates(
     now = time.time() if now is None else now
     expired = await asyncio.to_thread(expired_candidates, storage, days, now)
     for image_id in expired:
-        await delete_character_reference(storage, image_id)
+        record = await asyncio.to_thread(read_sidecar, storage, image_id)
+        await delete_character_reference(storage, image_id, record)
     for key in await asyncio.to_thread(expired_list_entries, storage, days, now):
         await asyncio.to_thread(storage.delete, key)
     if expired:

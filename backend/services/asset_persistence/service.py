@@ -171,12 +171,12 @@ class AssetPersistenceService:
         or if it is another owner's than `viewer` may see.
         """
         image_id = parse_image_id(image_id)
-        if not viewer.operator:
-            # The sidecar goes last, so a delete that failed half-way still says whose it was.
-            record = await asyncio.to_thread(self.references.read_record, image_id)
-            if not viewer.may_see(record.owner if record is not None else None):
-                raise CharacterReferenceNotFoundError(image_id)
-        removed = await delete_character_reference(self.storage, image_id)
+        # The sidecar goes last, so a delete that failed half-way still says whose it was
+        # (and which lists hold it).
+        record = await asyncio.to_thread(self.references.read_record, image_id)
+        if not viewer.may_see(record.owner if record is not None else None):
+            raise CharacterReferenceNotFoundError(image_id)
+        removed = await delete_character_reference(self.storage, image_id, record)
         self.references.forget_locations()
         self.delivery.forget(removed)
         if not removed:

@@ -451,7 +451,9 @@ def saturated_slow_worker(slow_worker: WorkerApp) -> Iterator[WorkerApp]:
     the batch), 2 queued; all canceled after.
 
     Opened one at a time: Serve counts a request as queued until a replica takes it, so a
-    burst could be shed while places are still free.
+    burst could be shed while places are still free. A request shed while an earlier test's
+    canceled requests are still leaving the queue is opened again; once all are released, the
+    fixture waits until the worker takes a request again, so the next test finds it free.
     """
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -460,16 +462,25 @@ def saturated_slow_worker(slow_worker: WorkerApp) -> Iterator[WorkerApp]:
 
     async def hold(seed: int, accepted: asyncio.Event) -> None:
         body = {"prompts": [DESCRIPTION], "seeds": [seed]}
-        async with client.stream("POST", "/generate", json=body) as reply:
-            assert reply.status_code == 200
-            accepted.set()  # headers come with `accepted`: a replica took the request
-            await asyncio.Event().wait()  # until canceled, which closes the stream
+        while True:
+            async with client.stream("POST", "/generate", json=body) as reply:
+                if reply.status_code == 429:  # canceled requests are still leaving the queue
+                    await asyncio.sleep(0.05)
+                    continue
+                assert reply.status_code == 200
+                accepted.set()  # headers come with `accepted`: a replica took the request
+                await asyncio.Event().wait()  # until canceled, which closes the stream
 
     async def open_one(seed: int, wait: bool) -> asyncio.Task[None]:
         accepted = asyncio.Event()
         task = asyncio.create_task(hold(seed, accepted))
         if wait:
-            await asyncio.wait_for(accepted.wait(), 30)
+            taken = asyncio.ensure_future(accepted.wait())
+            await asyncio.wait({task, taken}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            taken.cancel()
+            if task.done():
+                task.result()  # raises what stopped it
+            assert accepted.is_set(), f"the worker took no request (seed {seed}) in 30 s"
         else:
             await asyncio.sleep(0.3)  # time to reach the queue
         return task
@@ -487,6 +498,9 @@ def saturated_slow_worker(slow_worker: WorkerApp) -> Iterator[WorkerApp]:
             for holder in holders:
                 holder.cancel()
             await asyncio.gather(*holders, return_exceptions=True)
+            probe = await open_one(len(holders), wait=True)  # taken: the queue is free again
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
             await client.aclose()
 
         asyncio.run_coroutine_threadsafe(release(), loop).result(timeout=60)

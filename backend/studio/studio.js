@@ -104,7 +104,9 @@ let serverIsOpen = false; // no authentication configured: one owner, no sign-in
 function showWho(text, refused = false) {
   $("who").textContent = text;
   $("who").classList.toggle("refused", refused);
-  $("sign-out").hidden = !storedCredential();
+  const signedIn = Boolean(storedCredential());
+  $("sign-out").hidden = !signedIn;
+  $("sign-in").classList.toggle("signed-in", signedIn);
 }
 
 function describeCredential(credential) {
@@ -610,6 +612,7 @@ const loadJobs = pagedList({
   list: $("jobs"),
   more: $("jobs-more"),
   render: jobItem,
+  empty: $("jobs-empty"),
 });
 
 async function refreshLists() {

@@ -44,6 +44,14 @@ $(NODE_TOOLS)/.installed: $(CONTRACT)/package.json $(CONTRACT)/package-lock.json
 		echo "npm not found: the TypeScript contract tests will skip" >&2; \
 	fi
 
+# ministack, the suite's second S3 server: its own environment, as it pins another botocore.
+MINISTACK := $(VENV)/ministack
+
+$(MINISTACK)/.installed: requirements-ministack.txt | $(BIN)/python
+	$(BIN)/python -m venv $(MINISTACK)
+	$(MINISTACK)/bin/python -m pip install --quiet -r requirements-ministack.txt
+	touch $@
+
 run: $(VENV)/.runtime-installed
 	cd backend && ../$(BIN)/python -m server --host $(HOST) --port $(PORT)
 
@@ -62,7 +70,7 @@ run-tiny: tiny-model
 worker: $(VENV)/.worker-installed
 	cd backend && ../$(BIN)/python -m gpu_worker --host $(WORKER_HOST)
 
-test: $(VENV)/.dev-installed $(NODE_TOOLS)/.installed
+test: $(VENV)/.dev-installed $(NODE_TOOLS)/.installed $(MINISTACK)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd backend && $(PRIVATE_NETWORK) ../$(BIN)/python -m pytest

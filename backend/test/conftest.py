@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -68,7 +69,9 @@ def _isolated_environment(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    # No session token: ministack refuses one for the account's own keys, as S3 would a
+    # token that STS never issued.
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
@@ -100,6 +103,89 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
+MINISTACK_PYTHON = REPO_ROOT / ".venv" / "ministack" / "bin" / "python"
+# The credentials every offline test uses (see _isolated_environment); ministack checks
+# signatures against them.
+TEST_AWS_KEY = TEST_AWS_SECRET = "testing"
+
+
+@pytest.fixture(scope="session")
+def ministack_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """ministack's S3 on 127.0.0.1 (random port), for the whole session: a second S3
+    implementation, which checks signatures, expiry and checksums where moto does not."""
+    if not MINISTACK_PYTHON.exists():
+        pytest.fail(f"ministack is not installed at {MINISTACK_PYTHON}: run `make test`")
+    log = tmp_path_factory.mktemp("ministack") / "ministack.log"
+    for _ in range(3):  # a port taken between choosing it and binding it: choose another
+        port = free_port()
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(log.parent),
+            "TMPDIR": str(log.parent),  # its pid file
+            "GATEWAY_PORT": str(port),
+            "BIND_HOST": "127.0.0.1",
+            "SERVICES": "s3",
+            "AUTH": "true",  # signatures and presigned URLs are checked
+            "AWS_ACCESS_KEY_ID": TEST_AWS_KEY,
+            "AWS_SECRET_ACCESS_KEY": TEST_AWS_SECRET,
+            "LOG_LEVEL": "WARNING",
+        }
+        with log.open("ab") as output:
+            server = subprocess.Popen(
+                [str(MINISTACK_PYTHON), "-m", "ministack"],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        endpoint = f"http://127.0.0.1:{port}"
+        if _wait_for_health(server, f"{endpoint}/_ministack/health"):
+            break
+        server.kill()
+        server.wait()
+    else:
+        pytest.fail(f"ministack did not start: {log.read_text()[-2000:]}")
+    try:
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _wait_for_health(server: subprocess.Popen[bytes], url: str, timeout: float = 30) -> bool:
+    """Whether `server` answers `url` before it exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+# The S3 servers every S3-over-HTTP test runs against, and the storage mode of each.
+S3_SERVERS = ("moto", "ministack")
+HTTP_STORAGE_MODES = {"s3-http": "moto", "s3-ministack": "ministack"}
+# make_api's S3 modes, and the server of each.
+API_S3_MODES = {"s3": "moto", "s3-ministack": "ministack"}
+# Every offline S3 storage mode: moto in-process, then each server over HTTP.
+S3_STORAGE_MODES = ["s3-moto", *HTTP_STORAGE_MODES]
+
+
+def s3_endpoint(request: pytest.FixtureRequest, server: str) -> str:
+    """The endpoint of S3 server `server` (started for the session on first use)."""
+    return request.getfixturevalue(f"{server}_endpoint")
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3_server(request: pytest.FixtureRequest) -> str:
+    """The endpoint of each S3 server in turn."""
+    return s3_endpoint(request, request.param)
+
+
 # A test value only: API keys need a URL signing secret.
 TEST_SIGNING_SECRET = "test-url-signing-secret-0123456789abcdef"
 
@@ -121,9 +207,11 @@ def moto_credentials() -> Iterator[None]:
         yield
 
 
-def s3_settings(request: pytest.FixtureRequest, *, serve_from_cloud: bool) -> dict[str, Any]:
-    """Settings for S3 on a fresh bucket of the moto server (over HTTP on 127.0.0.1)."""
-    endpoint = request.getfixturevalue("moto_endpoint")
+def s3_settings(
+    request: pytest.FixtureRequest, *, serve_from_cloud: bool, server: str = "moto"
+) -> dict[str, Any]:
+    """Settings for S3 on a fresh bucket of an S3 server (over HTTP on 127.0.0.1)."""
+    endpoint = s3_endpoint(request, server)
     bucket = new_bucket_name()
     make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     return {
@@ -174,10 +262,17 @@ def _real_bucket_settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 @pytest.fixture(
-    params=["local", "s3-moto", "s3-http", pytest.param("s3-real", marks=pytest.mark.integration)]
+    params=[
+        "local",
+        "s3-moto",
+        "s3-http",
+        "s3-ministack",
+        pytest.param("s3-real", marks=pytest.mark.integration),
+    ]
 )
 def storage_mode(request: pytest.FixtureRequest) -> str:
-    """The storage mode under test."""
+    """The storage mode under test: local; S3 as moto in-process, moto's server or ministack's
+    server (both over HTTP on 127.0.0.1); a real bucket."""
     return request.param
 
 
@@ -185,7 +280,8 @@ def storage_mode(request: pytest.FixtureRequest) -> str:
 def storage(
     storage_mode: str, make_settings: Callable[..., Settings], request: pytest.FixtureRequest
 ) -> Iterator[StorageHarness]:
-    """Every storage mode behind one fixture: local, S3 in-process, S3 over HTTP, real S3."""
+    """Every storage mode behind one fixture: local, S3 in-process, S3 over HTTP (two servers),
+    real S3."""
     if storage_mode == "local":
         harness = _harness("local", make_settings(), None)
         yield harness
@@ -199,8 +295,8 @@ def storage(
             yield harness
             harness.backend.close()
         return
-    if storage_mode == "s3-http":
-        endpoint = request.getfixturevalue("moto_endpoint")
+    if storage_mode in HTTP_STORAGE_MODES:
+        endpoint = s3_endpoint(request, HTTP_STORAGE_MODES[storage_mode])
         settings = make_settings(
             storage_backend="s3", storage_bucket=new_bucket_name(), aws_endpoint_url=endpoint
         )
@@ -411,7 +507,8 @@ def make_api(
     tiny_sdxl_turbo: Path,
     request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., ApiHarness]]:
-    """Start apps in local or S3 (moto over HTTP) mode, with the tiny SDXL-Turbo model."""
+    """Start apps in local or S3 mode (moto's server, or with "s3-ministack" ministack's, over
+    HTTP), with the tiny SDXL-Turbo model."""
     stack = contextlib.ExitStack()
 
     def factory(
@@ -424,8 +521,8 @@ def make_api(
         **overrides: Any,
     ) -> ApiHarness:
         s3 = None
-        if mode == "s3":
-            endpoint = request.getfixturevalue("moto_endpoint")
+        if mode in API_S3_MODES:
+            endpoint = s3_endpoint(request, API_S3_MODES[mode])
             overrides.setdefault("storage_bucket", new_bucket_name())
             overrides["storage_backend"] = "s3"
             overrides.setdefault("aws_endpoint_url", endpoint)  # a FaultyProxy in fault tests

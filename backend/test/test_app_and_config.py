@@ -116,7 +116,7 @@ def test_health_and_version(make_settings: Callable[..., Settings]) -> None:
         assert version["name"] == "mv-backend"
 
 
-@pytest.mark.parametrize("storage_mode", ["s3-http"])
+@pytest.mark.parametrize("storage_mode", ["s3-http", "s3-ministack"])
 def test_startup_uploads_pending_objects(storage: StorageHarness) -> None:
     backend = storage.backend
     assert isinstance(backend, WriteThroughStorageBackend)

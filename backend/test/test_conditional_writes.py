@@ -267,9 +267,9 @@ def _s3_pair(make_settings: Callable[..., Settings], endpoint: str) -> tuple[Any
 
 
 def test_a_pending_upload_does_not_replace_what_another_replica_stored(
-    make_settings: Callable[..., Settings], moto_endpoint: str
+    make_settings: Callable[..., Settings], s3_server: str
 ) -> None:
-    backend, s3, settings = _s3_pair(make_settings, moto_endpoint)
+    backend, s3, settings = _s3_pair(make_settings, s3_server)
     key = "jobs/job-1/renders/shot.bin"
     backend.hold(key, b"written here while S3 was unreachable", "application/octet-stream")
     s3.put_object(Bucket=settings.storage_bucket, Key=key, Body=b"stored later by another replica")
@@ -283,9 +283,9 @@ def test_a_pending_upload_does_not_replace_what_another_replica_stored(
 
 
 def test_a_pending_manifest_is_merged_into_the_one_another_replica_stored(
-    make_settings: Callable[..., Settings], moto_endpoint: str
+    make_settings: Callable[..., Settings], s3_server: str
 ) -> None:
-    backend, s3, settings = _s3_pair(make_settings, moto_endpoint)
+    backend, s3, settings = _s3_pair(make_settings, s3_server)
     assets = AssetPersistenceService(backend, settings=settings)
     key = "jobs/job-2/manifest.json"
     mine = JobManifest(job_id="job-2", files=[_entry("renders/a.bin"), _entry("renders/b.bin")])

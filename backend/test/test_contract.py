@@ -69,13 +69,13 @@ def node_tools() -> Path:
     return modules
 
 
-@pytest.fixture(scope="module", params=["local", "cloud"])
+@pytest.fixture(scope="module", params=["local", "cloud", "cloud-ministack"])
 def contract_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_klein: Path
 ) -> Iterator[dict[str, Any]]:
     """A live server with API keys on, the tiny klein model, and a Replicate that never
     finishes a prediction (so a generation sent there runs until it is canceled); local
-    storage, or S3 (moto over HTTP) serving from the cloud."""
+    storage, or S3 serving from the cloud (moto's or ministack's server over HTTP)."""
     with moto_credentials():
         overrides: dict[str, Any] = {
             "output_dir": tmp_path_factory.mktemp("contract") / "outputs",
@@ -85,8 +85,9 @@ def contract_server(
             "url_signing_secret": TEST_SIGNING_SECRET,
             "replicate_api_token": "r8_test-token",
         }
-        if request.param == "cloud":
-            overrides.update(s3_settings(request, serve_from_cloud=True))
+        if request.param.startswith("cloud"):
+            server = "ministack" if request.param == "cloud-ministack" else "moto"
+            overrides.update(s3_settings(request, serve_from_cloud=True, server=server))
         settings = load_settings(_env_file=REPO_ROOT / ".env.test", **overrides)
         replicate = FakeReplicate(initial_status="starting", final_status="processing")
         policy = build_generation_policy(settings, replicate_transport=replicate.transport())
@@ -94,7 +95,8 @@ def contract_server(
             with httpx.Client(base_url=base_url, timeout=60) as client:
                 wait_until(lambda: client.get("/ready").status_code == 200, timeout=120)
                 document = client.get("/openapi.json").json()
-            yield {"mode": request.param, "base_url": base_url, "openapi": document}
+            mode = "local" if request.param == "local" else "cloud"  # cloud: on either server
+            yield {"mode": mode, "base_url": base_url, "openapi": document}
 
 
 def _run(

@@ -13,7 +13,13 @@ import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
-from conftest import ApiHarness, StorageHarness, assert_error_shape, photo_like_png
+from conftest import (
+    S3_STORAGE_MODES,
+    ApiHarness,
+    StorageHarness,
+    assert_error_shape,
+    photo_like_png,
+)
 from live_server import serve
 from main import create_app
 from routers.serving import file_response
@@ -154,7 +160,7 @@ def test_a_file_deleted_after_it_was_opened_is_still_served_whole(tmp_path: Path
         assert ranged.content == ORIGINAL[10:20]
 
 
-@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])  # tiers that hold uploads
+@pytest.mark.parametrize("storage_mode", S3_STORAGE_MODES)  # tiers that hold uploads
 def test_a_pending_upload_never_brings_a_deleted_key_back(storage: StorageHarness) -> None:
     backend: Any = storage.backend
     key = character_reference_key("3f0c2a52-3c1b-4c55-9d44-0d2c6f7a9e11", "png")
@@ -181,7 +187,7 @@ def test_a_pending_upload_never_brings_a_deleted_key_back(storage: StorageHarnes
     assert backend.local_copy(key) is None
 
 
-@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])
+@pytest.mark.parametrize("storage_mode", S3_STORAGE_MODES)
 def test_a_fetch_overtaken_by_a_delete_leaves_no_local_copy(storage: StorageHarness) -> None:
     backend: Any = storage.backend
     key = character_reference_key("4a0c2a52-3c1b-4c55-9d44-0d2c6f7a9e11", "png")

@@ -15,7 +15,14 @@ import httpx
 import pytest
 
 from config import Settings
-from conftest import TEST_SIGNING_SECRET, BlockingGenerator, assert_error_shape, new_bucket_name
+from conftest import (
+    API_S3_MODES,
+    TEST_SIGNING_SECRET,
+    BlockingGenerator,
+    assert_error_shape,
+    new_bucket_name,
+    s3_endpoint,
+)
 from live_server import serve
 from main import create_app
 from services.generation.policy import GenerationPolicy
@@ -35,8 +42,8 @@ def live_api(
     **overrides: Any,
 ) -> Iterator[tuple[str, BlockingGenerator]]:
     """A server on loopback whose generations wait for the test; its URL and generator."""
-    if mode == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
+    if mode in API_S3_MODES:
+        endpoint = s3_endpoint(request, API_S3_MODES[mode])
         bucket = new_bucket_name()
         make_s3_client(region="us-east-1", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         overrides |= {"storage_backend": "s3", "storage_bucket": bucket}
@@ -81,7 +88,7 @@ def client() -> Iterator[httpx.Client]:
         yield http
 
 
-@pytest.mark.parametrize("mode", ["local", "s3"])
+@pytest.mark.parametrize("mode", ["local", *API_S3_MODES])
 def test_a_stream_sends_queued_then_progress_then_the_final_status_and_ends(
     make_settings: Callable[..., Settings],
     request: pytest.FixtureRequest,

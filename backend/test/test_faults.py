@@ -25,11 +25,13 @@ import httpx
 import pytest
 
 from conftest import (
+    API_S3_MODES,
     ApiHarness,
     BlockingGenerator,
     blocks_png,
     image_bytes,
     out_of_memory_loader,
+    s3_endpoint,
     wait_until,
 )
 from fake_replicate import FakeReplicate
@@ -42,10 +44,17 @@ GENERATE = "/api/mv/generate_character_reference"
 UPLOAD = "/api/mv/upload_character_reference"
 
 
+@pytest.fixture(params=list(API_S3_MODES))
+def s3_mode(request: pytest.FixtureRequest) -> str:
+    """make_api's S3 mode on each of the session's S3 servers."""
+    return request.param
+
+
 @pytest.fixture
-def s3_proxy(moto_endpoint: str) -> Iterator[FaultyProxy]:
-    """A proxy in front of the session's moto server, up and fast."""
-    proxy = FaultyProxy(urlsplit(moto_endpoint).port or 0)
+def s3_proxy(s3_mode: str, request: pytest.FixtureRequest) -> Iterator[FaultyProxy]:
+    """A proxy in front of the S3 server of `s3_mode`, up and fast."""
+    upstream = s3_endpoint(request, API_S3_MODES[s3_mode])
+    proxy = FaultyProxy(urlsplit(upstream).port or 0)
     proxy.start()
     yield proxy
     proxy.close()
@@ -60,10 +69,10 @@ def pending_uploads(api: ApiHarness) -> list[str]:
 
 
 def test_s3_stopping_mid_persist_loses_nothing_and_catches_up(
-    make_api: Callable[..., ApiHarness], s3_proxy: FaultyProxy, tmp_path: Path
+    make_api: Callable[..., ApiHarness], s3_mode: str, s3_proxy: FaultyProxy, tmp_path: Path
 ) -> None:
     api = make_api(
-        "s3",
+        s3_mode,
         aws_endpoint_url=s3_proxy.endpoint,
         s3_max_attempts=1,
         s3_connect_timeout=1,
@@ -126,7 +135,7 @@ def test_s3_stopping_mid_persist_loses_nothing_and_catches_up(
 
 
 def test_slow_s3_fails_cleanly_within_its_timeout_and_no_worker_hangs(
-    make_api: Callable[..., ApiHarness], s3_proxy: FaultyProxy
+    make_api: Callable[..., ApiHarness], s3_mode: str, s3_proxy: FaultyProxy
 ) -> None:
     settings = dict(
         aws_endpoint_url=s3_proxy.endpoint,
@@ -136,14 +145,14 @@ def test_slow_s3_fails_cleanly_within_its_timeout_and_no_worker_hangs(
         storage_max_concurrency=2,
         pending_upload_retry_seconds=1,
     )
-    writer = make_api("s3", **settings)
+    writer = make_api(s3_mode, **settings)
     stored = {}
     for _ in range(3):
         data = image_bytes()
         stored[writer.client.post(UPLOAD, files={"file": ("a.png", data)}).json()["id"]] = data
     # A second replica on the same bucket: it has no local copies, so it must ask S3.
     reader = make_api(
-        "s3",
+        s3_mode,
         storage_bucket=writer.settings.storage_bucket,
         output_dir=writer.settings.output_dir.parent / "replica-2",
         **settings,
@@ -350,12 +359,12 @@ def test_the_server_sweeps_temp_files_of_dead_writers_at_start(
 
 
 def test_a_reference_whose_upload_is_pending_is_read_from_the_local_copy(
-    make_api: Callable[..., ApiHarness], s3_proxy: FaultyProxy
+    make_api: Callable[..., ApiHarness], s3_mode: str, s3_proxy: FaultyProxy
 ) -> None:
     blocking = BlockingGenerator()
     blocking.release.set()
     api = make_api(
-        "s3",
+        s3_mode,
         aws_endpoint_url=s3_proxy.endpoint,
         s3_max_attempts=1,
         s3_connect_timeout=1,

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 
 from config import BACKEND_DIR
-from conftest import ApiHarness, image_bytes
+from conftest import API_S3_MODES, ApiHarness, image_bytes
 
 JOBS = "/api/mv/jobs"
 UPLOAD = "/api/mv/upload_character_reference"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *API_S3_MODES])
 def api(request: pytest.FixtureRequest, make_api: Callable[..., ApiHarness]) -> ApiHarness:
-    """The app in each storage mode, serving bytes."""
+    """The app in each storage mode (S3 on each server), serving bytes."""
     return make_api(request.param)
 
 

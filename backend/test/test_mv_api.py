@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from conftest import ApiHarness, image_bytes
+from conftest import API_S3_MODES, ApiHarness, image_bytes
 
 WEBHOOK_SECRET = "whsec_c2VjcmV0LXdlYmhvb2stdmFsdWUtZm9yLWRlYnVnLXRlc3Q="
 
@@ -33,16 +33,18 @@ def stored_files(harness: ApiHarness) -> list[Path]:
     return sorted(root.iterdir()) if root.is_dir() else []
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", *API_S3_MODES])
 def api(request: pytest.FixtureRequest, make_api: Callable[..., ApiHarness]) -> ApiHarness:
-    """The app in each storage mode, serving bytes."""
+    """The app in each storage mode (S3 on each server), serving bytes."""
     return make_api(request.param)
 
 
-@pytest.fixture
-def cloud_api(make_api: Callable[..., ApiHarness]) -> Iterator[ApiHarness]:
-    """The app in S3 mode, serving presigned URLs."""
-    yield make_api("s3", serve_from_cloud=True)
+@pytest.fixture(params=list(API_S3_MODES))
+def cloud_api(
+    request: pytest.FixtureRequest, make_api: Callable[..., ApiHarness]
+) -> Iterator[ApiHarness]:
+    """The app in S3 mode (on each server), serving presigned URLs."""
+    yield make_api(request.param, serve_from_cloud=True)
 
 
 def upload(harness: ApiHarness, data: bytes, name: str = "me.png") -> dict:

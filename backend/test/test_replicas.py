@@ -28,7 +28,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import new_bucket_name, wait_until
+from conftest import new_bucket_name, s3_endpoint, wait_until
 from fake_worker import TOKEN, PacedWorker
 from live_server import serve
 from replicas import BACKEND_DIR, OFFLINE_AWS, Replica, process_environment, run_replicas
@@ -72,7 +72,7 @@ def paced_worker() -> Iterator[tuple[PacedWorker, str]]:
         yield worker, url
 
 
-@pytest.fixture(scope="module", params=["s3", "local"])
+@pytest.fixture(scope="module", params=["s3", "s3-ministack", "local"])
 def pair(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -101,8 +101,8 @@ def _start_pair(
     environment = stack.enter_context(pytest.MonkeyPatch.context())
     for name, value in OFFLINE_AWS.items():  # for this module's own S3 client
         environment.setenv(name, value)
-    if request.param == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
+    if request.param.startswith("s3"):
+        endpoint = s3_endpoint(request, "ministack" if request.param == "s3-ministack" else "moto")
         bucket = new_bucket_name()
         s3 = make_s3_client(region="us-east-1", endpoint_url=endpoint)
         s3.create_bucket(Bucket=bucket)
@@ -157,7 +157,7 @@ def test_concurrent_attaches_and_a_worker_persist_lose_nothing(pair: Pair, tmp_p
         (job_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (job_dir / relative).write_bytes(data)
     cli_settings = dict(pair.storage_settings)
-    if pair.mode == "s3":
+    if pair.s3 is not None:
         cli_settings["OUTPUT_DIR"] = str(tmp_path / "worker-cli")  # a worker machine's disk
 
     persist = subprocess.Popen(

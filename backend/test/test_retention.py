@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from config import get_settings
-from conftest import ApiHarness, StorageHarness, new_bucket_name, photo_like_png, wait_until
+from conftest import (
+    S3_STORAGE_MODES,
+    ApiHarness,
+    StorageHarness,
+    new_bucket_name,
+    photo_like_png,
+    wait_until,
+)
 from services.asset_persistence import (
     CANDIDATES_PREFIX,
     LIFECYCLE_RULE_ID,
@@ -33,7 +40,7 @@ OTHER_RULE = {
 }
 
 
-@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])
+@pytest.mark.parametrize("storage_mode", S3_STORAGE_MODES)
 def test_the_lifecycle_rule_is_installed_verified_and_keeps_other_rules(
     storage: StorageHarness,
 ) -> None:
@@ -58,18 +65,18 @@ def test_the_lifecycle_rule_is_installed_verified_and_keeps_other_rules(
 
 
 def test_the_command_installs_then_verifies(
-    moto_endpoint: str,
+    s3_server: str,
     make_settings: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     bucket = new_bucket_name()
-    s3 = make_s3_client(region="us-east-1", endpoint_url=moto_endpoint)
+    s3 = make_s3_client(region="us-east-1", endpoint_url=s3_server)
     s3.create_bucket(Bucket=bucket)
     environment = {
         "STORAGE_BACKEND": "s3",
         "STORAGE_BUCKET": bucket,
-        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ENDPOINT_URL": s3_server,
         "CANDIDATE_RETENTION_DAYS": "14",
     }
     for name, value in environment.items():

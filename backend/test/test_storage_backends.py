@@ -21,7 +21,7 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
 from config import Settings
-from conftest import StorageHarness, image_bytes, new_bucket_name
+from conftest import S3_STORAGE_MODES, StorageHarness, image_bytes, new_bucket_name
 from services.asset_persistence import AssetPersistenceService
 from services.storage import (
     IntegrityError,
@@ -33,6 +33,7 @@ from services.storage import (
     WriteThroughStorageBackend,
     get_storage_backend,
 )
+from services.storage import s3 as s3_module
 from services.storage.atomic import atomic_writer
 from services.storage.presign import S3Presigner
 from services.storage.s3 import make_s3_client
@@ -185,7 +186,7 @@ def test_presigner_matches_boto3_exactly(
     session_token: str | None,
 ) -> None:
     if session_token is None:
-        monkeypatch.delenv("AWS_SESSION_TOKEN")
+        monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     else:
         monkeypatch.setenv("AWS_SESSION_TOKEN", session_token)
     frozen = dt.datetime(2026, 11, 21, 12, 0, 0)
@@ -205,12 +206,12 @@ def test_presigner_matches_boto3_exactly(
 
 
 async def test_presigned_urls_fetch_the_stored_bytes(
-    moto_endpoint: str, make_settings: Callable[..., Settings], tmp_path: Path
+    s3_server: str, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     settings = make_settings(
-        storage_backend="s3", storage_bucket=new_bucket_name(), aws_endpoint_url=moto_endpoint
+        storage_backend="s3", storage_bucket=new_bucket_name(), aws_endpoint_url=s3_server
     )
-    client = make_s3_client(region="us-east-1", endpoint_url=moto_endpoint)
+    client = make_s3_client(region="us-east-1", endpoint_url=s3_server)
     client.create_bucket(Bucket=settings.storage_bucket)
     service = AssetPersistenceService(get_storage_backend(settings), settings=settings)
     for name, image_format, content_type in [
@@ -222,13 +223,82 @@ async def test_presigned_urls_fetch_the_stored_bytes(
         source.write_bytes(image_bytes(image_format))
         image_id = str(uuid.uuid4())
         url = await service.persist_character_reference(image_id, source)
-        assert url.startswith(moto_endpoint + "/")
+        assert url.startswith(s3_server + "/")
         async with httpx.AsyncClient() as http:
             response = await http.get(url)
         assert response.status_code == 200
         assert response.content == source.read_bytes()
         assert response.headers["content-type"] == content_type
         assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["900"]
+
+
+# ------------------------------------ what ministack checks (moto 5.2.5 accepts all of it)
+
+# A browser's request for an <img> or a link opened in a tab: no AWS headers, only the URL.
+BROWSER_HEADERS = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64)", "Accept": "image/*,*/*;q=0.8"}
+
+
+@pytest.fixture
+def ministack_backend(
+    ministack_endpoint: str, make_settings: Callable[..., Settings]
+) -> Iterator[S3StorageBackend]:
+    """The S3 tier alone, on a fresh bucket of the ministack server."""
+    settings = make_settings(
+        storage_backend="s3", storage_bucket=new_bucket_name(), aws_endpoint_url=ministack_endpoint
+    )
+    client = make_s3_client(region="us-east-1", endpoint_url=ministack_endpoint)
+    client.create_bucket(Bucket=settings.storage_bucket)
+    yield S3StorageBackend(settings.storage_bucket, client)
+
+
+def _browser_get(url: str) -> httpx.Response:
+    return httpx.get(url, headers=BROWSER_HEADERS, timeout=10)
+
+
+def test_a_presigned_url_changed_signed_elsewhere_or_expired_is_refused(
+    ministack_backend: S3StorageBackend,
+    ministack_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = f"character_references/{uuid.uuid4()}.png"
+    data = image_bytes()
+    ministack_backend.put_bytes(key, data, "image/png")
+    url = ministack_backend.presign(key, 60).url
+    assert _browser_get(url).content == data
+
+    signature = parse_qs(urlsplit(url).query)["X-Amz-Signature"][0]
+    changed = "0" if signature[-1] != "0" else "1"
+    assert _browser_get(url.replace(signature, signature[:-1] + changed)).status_code == 403
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")
+    elsewhere = make_s3_client(region="us-east-1", endpoint_url=ministack_endpoint)
+    other_url = S3StorageBackend(ministack_backend.bucket, elsewhere).presign(key, 60).url
+    assert _browser_get(other_url).status_code == 403
+
+    # Signed an hour ago for a minute: expired now, without waiting for it.
+    an_hour_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=1)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: an_hour_ago)
+    expired = ministack_backend.presign(key, 60).url
+    assert _browser_get(expired).status_code == 403
+
+
+def test_an_upload_whose_checksum_does_not_match_is_refused_and_stores_nothing(
+    ministack_backend: S3StorageBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    source = tmp_path / "render.bin"
+    source.write_bytes(b"the bytes that were hashed")
+    hash_file = s3_module.sha256_file
+
+    def hash_then_change(path: Path) -> tuple[str, int]:
+        digest = hash_file(path)
+        path.write_bytes(b"the bytes that were changed")  # a writer not done with the file
+        return digest
+
+    monkeypatch.setattr(s3_module, "sha256_file", hash_then_change)
+    key = "jobs/checksum/renders/render.bin"
+    with pytest.raises(StorageError, match="BadDigest"):
+        ministack_backend.put_file(key, source, "application/octet-stream")
+    assert not ministack_backend.exists(key)
 
 
 def _free_port() -> int:
@@ -304,7 +374,7 @@ async def test_s3_outage_keeps_local_copy_and_uploads_it_later(
         server.stop()
 
 
-@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])
+@pytest.mark.parametrize("storage_mode", S3_STORAGE_MODES)
 def test_write_through_repairs_from_s3_when_local_copy_is_damaged(
     storage: StorageHarness, tmp_path: Path
 ) -> None:
@@ -316,7 +386,7 @@ def test_write_through_repairs_from_s3_when_local_copy_is_damaged(
     assert (tmp_path / "a.bin").read_bytes() == data
 
 
-@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])
+@pytest.mark.parametrize("storage_mode", S3_STORAGE_MODES)
 def test_write_through_reads_from_s3_when_not_cached(storage: StorageHarness) -> None:
     assert isinstance(storage.backend, WriteThroughStorageBackend)
     storage.backend.put_bytes("jobs/cache/a.txt", b"cached", "text/plain")
@@ -337,7 +407,7 @@ def _refuse_uploads(client: object) -> None:
     client.meta.events.register("before-send.s3.PutObject", unreachable)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("storage_mode", ["s3-moto", "s3-http"])
+@pytest.mark.parametrize("storage_mode", S3_STORAGE_MODES)
 def test_presign_known_only_for_keys_known_to_be_in_s3(storage: StorageHarness) -> None:
     backend = storage.backend
     assert isinstance(backend, WriteThroughStorageBackend)

@@ -132,6 +132,7 @@ def create_app(
             webhooks=webhooks,
             max_queued=settings.max_queued_generations,
             workers=settings.effective_generation_workers,
+            shedding_deadline_seconds=settings.generation_timeout_seconds,
         )
         await queue.start()
         metrics.watch(metrics.pending_uploads, lambda: len(list(assets.pending_uploads())))

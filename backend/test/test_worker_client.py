@@ -3,6 +3,7 @@ replies a real worker cannot be made to send (through a fake HTTP layer, fake_wo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import httpx
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config import BACKEND_DIR, SettingsError
-from conftest import ApiHarness, free_port
+from conftest import ApiHarness, free_port, wait_until
 from fake_replicate import FakeReplicate, png_bytes
 from fake_worker import TOKEN, FakeWorker, good_events, stream
 from services.generation.worker_protocol import (
@@ -26,6 +27,7 @@ from services.generation.worker_protocol import (
 )
 
 GENERATE = "/api/mv/generate_character_reference"
+JOBS = "/api/mv/character_reference_jobs"
 BODY = {"character_description": "a silver robot", "num_images": 2, "seed": 3}
 WORKER_URL = "http://worker.internal:8001"
 
@@ -185,12 +187,91 @@ def busy(body: dict) -> httpx.Response:
 def test_a_worker_that_sheds_load_is_a_429_with_its_retry_after(
     worker_api: Callable[..., ApiHarness],
 ) -> None:
-    api = worker_api(FakeWorker(replies=[busy]))
+    worker = FakeWorker(replies=[busy])
+    api = worker_api(worker)
     reply = api.client.post(GENERATE, json=BODY)
     assert reply.status_code == 429
     assert reply.headers["Retry-After"] == "7"
     assert reply.json()["detail"]["error"] == "WorkerBusy"
     assert "is at capacity" in reply.json()["detail"]["message"]
+    assert worker.generate_calls == 1  # the sync route answers at once: its caller retries
+
+
+# ------------------------------------------------ async generations wait out shedding
+
+
+def busy_for(seconds: int, calls: list[float]) -> Callable[[dict], httpx.Response]:
+    """A shedding reply with Retry-After `seconds`, noting when it was asked for."""
+
+    def reply(body: dict) -> httpx.Response:
+        calls.append(time.monotonic())
+        detail = {"error": "WorkerBusy", "message": "every worker replica is busy"}
+        return httpx.Response(429, headers={"Retry-After": str(seconds)}, json={"detail": detail})
+
+    return reply
+
+
+def status_of(api: ApiHarness, status_url: str) -> dict:
+    reply = api.client.get(status_url)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_an_async_generation_the_worker_sheds_waits_queued_then_runs(
+    worker_api: Callable[..., ApiHarness],
+) -> None:
+    shed_at: list[float] = []
+    worker = FakeWorker(replies=[busy_for(1, shed_at), busy_for(1, shed_at)])
+    api = worker_api(worker)
+    submitted = api.client.post(JOBS, json=BODY)
+    assert submitted.status_code == 202, submitted.text
+    status_url = submitted.json()["status_url"]
+
+    # Shed once: queued again (no place in this replica's queue: the worker tier's), waiting.
+    wait_until(
+        lambda: worker.generate_calls == 1 and status_of(api, status_url)["status"] == "queued"
+    )
+    waiting = status_of(api, status_url)
+    assert waiting["queue_position"] is None and waiting["started_at"] is not None
+
+    wait_until(lambda: status_of(api, status_url)["status"] == "succeeded")
+    finished = status_of(api, status_url)
+    assert finished["result"]["metadata"]["backend"] == "worker"
+    assert [image["seed"] for image in finished["result"]["images"]] == [3, 4]
+    assert worker.generate_calls == 3
+    assert shed_at[1] - shed_at[0] >= 1  # never sooner than the worker's Retry-After
+
+
+def test_an_async_generation_shed_past_its_deadline_fails_with_the_timeout(
+    worker_api: Callable[..., ApiHarness],
+) -> None:
+    shed_at: list[float] = []
+    worker = FakeWorker(replies=[busy_for(1, shed_at) for _ in range(10)])
+    api = worker_api(worker, generation_timeout_seconds=1.5)
+    status_url = api.client.post(JOBS, json=BODY).json()["status_url"]
+    wait_until(lambda: status_of(api, status_url)["status"] == "failed")
+    error = status_of(api, status_url)["error"]
+    assert error["status_code"] == 504 and error["error"] == "GenerationTimeout"
+    assert error["message"].startswith("the generation did not start within 1.5 s: ")
+    assert "is at capacity" in error["message"]
+    assert worker.generate_calls == 2  # at 0 s and after 1 s; a third would pass 1.5 s
+    assert stored_images(api) == []
+
+
+def test_an_async_generation_waiting_out_shedding_can_be_canceled(
+    worker_api: Callable[..., ApiHarness],
+) -> None:
+    worker = FakeWorker(replies=[busy_for(30, [])])  # half of the 60 s deadline
+    api = worker_api(worker)
+    status_url = api.client.post(JOBS, json=BODY).json()["status_url"]
+    wait_until(
+        lambda: worker.generate_calls == 1 and status_of(api, status_url)["status"] == "queued"
+    )
+    canceled = api.client.delete(status_url)
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled"
+    assert status_of(api, status_url)["status"] == "canceled"
+    assert worker.generate_calls == 1
 
 
 def test_a_shedding_worker_is_not_a_failure_in_auto(make_api: Callable[..., ApiHarness]) -> None:

@@ -6,6 +6,10 @@
 - Every state change is written to the generation's record; progress at most once per
   `watch_interval`, which is also how often cancel requests from other replicas are noticed.
 - Cancel: a queued generation is dropped; a running one stops at its next step.
+- Shedding: when the generator sheds a generation (the worker tier is at capacity), a caller
+  who waits for it (the sync route) gets the 429 at once. An async generation waits instead,
+  `queued` again, and is tried once more after a backoff of at least the tier's Retry-After,
+  until `shedding_deadline_seconds` after it first started; then it fails with the timeout.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from mv.generation_jobs import (
 )
 from observability import bind, request_id_var
 from services.asset_persistence import utc_now
+from services.backoff import backoff_delay
 from services.generation.base import (
     GenerationBusyError,
     GenerationCanceledError,
     GenerationProgress,
+    GenerationTimeoutError,
 )
 from services.generation.records import (
     GENERATIONS_PREFIX,
@@ -56,6 +62,9 @@ RunGeneration = Callable[
     Awaitable[GenerateCharacterReferenceResponse],
 ]
 ClassifyError = Callable[[BaseException], GenerationFailure]
+# Backoff of an async generation the generator shed (never sooner than its Retry-After).
+SHED_BACKOFF_BASE_SECONDS = 1.0
+SHED_BACKOFF_CAP_SECONDS = 30.0
 INTERRUPTED = GenerationFailure(
     error="Interrupted",
     message="the server stopped before this generation finished; submit it again",
@@ -80,6 +89,8 @@ class LiveGeneration:
     task: asyncio.Task[GenerateCharacterReferenceResponse] | None = None
     saved_step: int = -1
     request_id: str | None = field(default_factory=request_id_var.get)
+    # An async generation: shed by the generator, it waits and is tried again (see above).
+    waits_out_shedding: bool = False
 
     @property
     def generation_id(self) -> str:
@@ -101,6 +112,7 @@ class GenerationQueue:
         max_queued: int = 8,
         workers: int = 1,
         watch_interval: float = 1.0,
+        shedding_deadline_seconds: float = 300.0,
     ) -> None:
         self._run_generation = run
         self.records = records
@@ -111,6 +123,7 @@ class GenerationQueue:
         self.max_queued = max_queued
         self.workers = workers
         self.watch_interval = watch_interval
+        self.shedding_deadline_seconds = shedding_deadline_seconds
         self._pending: asyncio.Queue[LiveGeneration] = asyncio.Queue()
         self._waiting: dict[str, LiveGeneration] = {}  # insertion order is queue order
         self._live: dict[str, LiveGeneration] = {}
@@ -180,8 +193,12 @@ class GenerationQueue:
         *,
         webhook_url: str | None = None,
         owner: str | None = None,
+        waits_out_shedding: bool = False,
     ) -> LiveGeneration:
-        """Queue `owner`'s generation; GenerationBusyError (429) when the queue is full."""
+        """Queue `owner`'s generation; GenerationBusyError (429) when the queue is full.
+
+        With `waits_out_shedding` (async generations), a generator that sheds it does not fail
+        it: it waits and runs again (see the module docstring)."""
         if len(self._waiting) >= self.max_queued:
             self.metrics.generations_rejected.inc()
             raise GenerationBusyError(
@@ -195,7 +212,7 @@ class GenerationQueue:
             instance=self.instance,
             owner=owner,
         )
-        entry = LiveGeneration(record)
+        entry = LiveGeneration(record, waits_out_shedding=waits_out_shedding)
         entry.done.add_done_callback(_consume_exception)
         self._waiting[entry.generation_id] = entry  # holds the place while the record is saved
         try:
@@ -233,9 +250,7 @@ class GenerationQueue:
         record.status, record.started_at = "running", utc_now()
         started = time.perf_counter()
         # A cancel that came first is honoured at the generator's first step.
-        entry.task = asyncio.create_task(
-            self._run_generation(record.request, entry.progress, record.owner)
-        )
+        entry.task = asyncio.create_task(self._generate(entry))
         await self._save_quietly(record)  # while the generation already runs
         await asyncio.wait({entry.task})
         elapsed = time.perf_counter() - started
@@ -257,6 +272,37 @@ class GenerationQueue:
         )
         logger.info("generation succeeded on %s in %.2f s", backend, elapsed)
         await self._finish(entry, "succeeded", response=response)
+
+    async def _generate(self, entry: LiveGeneration) -> GenerateCharacterReferenceResponse:
+        """Run the generation; an async one the generator sheds waits and runs again."""
+        record = entry.record
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shedding_deadline_seconds
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._run_generation(record.request, entry.progress, record.owner)
+            except GenerationBusyError as shed:
+                if not entry.waits_out_shedding:
+                    raise
+                delay = backoff_delay(
+                    attempt,
+                    base=SHED_BACKOFF_BASE_SECONDS,
+                    cap=SHED_BACKOFF_CAP_SECONDS,
+                    retry_after=shed.retry_after,
+                )
+                if loop.time() + delay > deadline:
+                    raise GenerationTimeoutError(
+                        f"the generation did not start within "
+                        f"{self.shedding_deadline_seconds:g} s: {shed}"
+                    ) from shed
+                logger.info("shed by the generator (%s); trying again in %.1f s", shed, delay)
+                record.status = "queued"
+                await self._save_quietly(record)
+                await asyncio.sleep(delay)  # a cancel ends the wait
+                record.status = "running"
+                await self._save_quietly(record)
 
     async def _finish(
         self,

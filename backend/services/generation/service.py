@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 
 from mv.character_reference import (
     CharacterReferenceImage,
@@ -87,22 +88,31 @@ class GenerationService:
         webhook_url: str | None,
         fingerprinted: object,
         principal: Principal,
+        *,
+        waits_out_shedding: bool,
     ) -> str:
         """Queue the generation, or find the one an earlier request with this key (and this
-        owner) queued."""
+        owner) queued. `waits_out_shedding`: async, it waits while the generator sheds it."""
         if body.job_id is not None:  # before anything is queued or stored
             await self.jobs.check_visible(body.job_id, principal)
         if body.reference_image_ids:  # likewise; read again when the generation starts
             await self.assets.check_character_references_exist(body.reference_image_ids, principal)
-        owner = principal.owner
+        submit = functools.partial(
+            self.queue.submit,
+            body,
+            webhook_url=webhook_url,
+            owner=principal.owner,
+            waits_out_shedding=waits_out_shedding,
+        )
         if idempotency_key is None:
-            entry = await self.queue.submit(body, webhook_url=webhook_url, owner=owner)
-            return entry.generation_id
-        reservation = self.idempotency.reserve(scope, idempotency_key, fingerprinted, owner)
+            return (await submit()).generation_id
+        reservation = self.idempotency.reserve(
+            scope, idempotency_key, fingerprinted, principal.owner
+        )
         async with reservation as slot:
             if slot.existing is not None:
                 return slot.existing
-            entry = await self.queue.submit(body, webhook_url=webhook_url, owner=owner)
+            entry = await submit()
             slot.record(entry.generation_id)
             return entry.generation_id
 
@@ -115,7 +125,13 @@ class GenerationService:
         """Queue `principal`'s generation and wait for it (the sync route): its id and its
         reply."""
         generation_id = await self._submit_once(
-            SYNC_SCOPE, idempotency_key, body, None, body.model_dump(mode="json"), principal
+            SYNC_SCOPE,
+            idempotency_key,
+            body,
+            None,
+            body.model_dump(mode="json"),
+            principal,
+            waits_out_shedding=False,  # its caller waits: a shed generation is a 429 at once
         )
         return generation_id, await self.result(generation_id)
 
@@ -143,6 +159,7 @@ class GenerationService:
             body.webhook_url,
             body.model_dump(mode="json"),
             principal,
+            waits_out_shedding=True,
         )
         return await self.status(generation_id)
 

@@ -104,15 +104,16 @@ def create_app(
 
     `storage_backend` and `generation_policy` replace the ones settings would build (tests,
     embedding); the app then leaves closing them to the caller. With `configure_logs`, the
-    process's logging is set up (LOG_FORMAT, LOG_LEVEL) when the app starts, not on import.
+    process's logging is set up (LOG_FORMAT, LOG_LEVEL) now: a server that imports `main:app`
+    (uvicorn, gunicorn's uvicorn workers) writes its next line, and every later one, so.
     """
     settings = settings or get_settings()
     metrics = Metrics()
+    if configure_logs:
+        configure_logging(settings.log_format, settings.log_level)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if configure_logs:
-            configure_logging(settings.log_format, settings.log_level)
         storage = storage_backend or get_storage_backend(settings, observe=metrics.observe_storage)
         assets = AssetPersistenceService(
             storage,

@@ -31,7 +31,14 @@ _STANDARD_ATTRIBUTES = set(logging.makeLogRecord({}).__dict__) | {
     "color_message",
 }
 # Libraries that install their own handler (and format): their lines go through ours instead.
-_SELF_HANDLED_LOGGERS = ("uvicorn", "uvicorn.error", "transformers", "diffusers")
+_SELF_HANDLED_LOGGERS = (
+    "uvicorn",
+    "uvicorn.error",
+    "gunicorn.error",
+    "gunicorn.access",
+    "transformers",
+    "diffusers",
+)
 # Known third-party messages that say nothing an operator can act on, by logger and start.
 KNOWN_NOISE: tuple[tuple[str, str], ...] = (
     # Only image *processors* want torchvision; text-to-image pipelines never use them.

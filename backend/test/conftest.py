@@ -599,12 +599,28 @@ def ray_serve() -> Iterator[str]:
     _no_ray_process_left()
 
 
+def is_ray_process(process: Any) -> bool:
+    """Whether a psutil process is one of a Ray cluster's (raylet, GCS, a worker, a helper)."""
+    import psutil
+
+    try:
+        command = " ".join(process.cmdline())
+        name = process.name()
+    except psutil.Error:  # gone meanwhile
+        return False
+    ray_file = "site-packages/ray/" in command  # its binaries and scripts
+    return command.startswith("ray::") or ray_file or name in ("raylet", "gcs_server")
+
+
 def _no_ray_process_left(timeout: float = 30) -> None:
-    """Fail (after killing them) if processes this session's cluster started outlive it."""
+    """Fail (after killing them) if processes this session's cluster started outlive it.
+
+    Only Ray's: the session's other servers (ministack) are this process's children too.
+    """
     import psutil
 
     deadline = time.monotonic() + timeout
-    while left := psutil.Process().children(recursive=True):
+    while left := [p for p in psutil.Process().children(recursive=True) if is_ray_process(p)]:
         if time.monotonic() > deadline:
             names = sorted({process.name() for process in left})
             for process in left:

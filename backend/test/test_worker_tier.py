@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from config import BACKEND_DIR, load_settings
-from conftest import ENV_TEST, ApiHarness, blocks_png, free_port, wait_until
+from conftest import ENV_TEST, ApiHarness, blocks_png, free_port, is_ray_process, wait_until
 from fake_replicate import FakeReplicate
 from live_server import serve
 from main import create_app
@@ -604,13 +604,7 @@ def _ray_processes() -> set[int]:
     """Pids of every process of any Ray cluster on this machine."""
     import psutil
 
-    pids = set()
-    for process in psutil.process_iter(["name", "cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        ray_worker = command.startswith("ray::") or "ray/_private" in command
-        if ray_worker or process.info["name"] in ("raylet", "gcs_server"):
-            pids.add(process.pid)
-    return pids
+    return {process.pid for process in psutil.process_iter() if is_ray_process(process)}
 
 
 MAKE_WORKER = [sys.executable, "-m", "gpu_worker"]  # what `make worker` runs, from backend/

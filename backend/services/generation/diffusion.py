@@ -127,18 +127,25 @@ _LOAD_LOCK = threading.Lock()
 
 
 def route_library_logs() -> None:
-    """Send diffusers' and transformers' log lines to the process's handler, not their own.
+    """Send diffusers', transformers' and huggingface_hub's log lines (a download's retries
+    among them) to the process's handler, not their own.
 
     Their own handlers print in their own format; this runs before the pipeline classes are
     imported, since importing them already logs. Progress bars are for terminals: off.
     """
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
     for library_logging in (diffusers_logging, transformers_logging):
         library_logging.disable_progress_bar()
         library_logging.disable_default_handler()
         library_logging.enable_propagation()
+    disable_progress_bars()
+    hub_logger = hub_logging.get_logger()
+    hub_logger.handlers = []  # the StreamHandler it adds on import
+    hub_logging.enable_propagation()
 
 
 def load_pipeline(model_id: str, device: str) -> Any:

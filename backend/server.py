@@ -10,12 +10,14 @@ are uvicorn's plain text).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import uvicorn
 
 from config import settings_or_exit
 from observability import configure_logging
+from ports import PortUnavailableError, listening_socket
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,9 +27,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     settings = settings_or_exit()
+    try:  # bound here, so that a port in use is one line, not uvicorn's traceback
+        sock = listening_socket(args.host, args.port)
+    except PortUnavailableError as error:
+        print(
+            f"error: {error}; PORT=<another> make run (python -m server --port <another>) "
+            "moves this server",
+            file=sys.stderr,
+        )
+        return 2
     configure_logging(settings.log_format, settings.log_level)
     # Requests are logged by the app itself (with ids, status and duration), not uvicorn.
-    uvicorn.run("main:app", host=args.host, port=args.port, log_config=None, access_log=False)
+    config = uvicorn.Config("main:app", log_config=None, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

@@ -20,6 +20,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from config import Settings, SettingsError, load_settings
+from ports import PortUnavailableError, check_port_free
 from services.generation.diffusion import brief
 
 if TYPE_CHECKING:
@@ -48,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from ray.exceptions import RayError
 
     address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # a cluster of its own: its proxy will take WORKER_PORT
+        try:
+            check_port_free(options.host, settings.worker_port)
+        except PortUnavailableError as error:
+            print(
+                f"error: {error}; WORKER_PORT=<another> make worker moves the worker tier",
+                file=sys.stderr,
+            )
+            return 2
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

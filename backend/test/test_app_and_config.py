@@ -192,6 +192,38 @@ def test_server_command_runs_the_flow_with_the_tiny_model(tmp_path: Path, tiny_f
 
 
 @pytest.mark.parametrize(
+    ("command", "moved_by"),
+    [
+        (
+            ["-m", "server", "--port", "{port}"],
+            "PORT=<another> make run (python -m server --port <another>) moves this server",
+        ),
+        (["-m", "gpu_worker"], "WORKER_PORT=<another> make worker moves the worker tier"),
+    ],
+    ids=["make run", "make worker"],
+)
+def test_a_port_in_use_is_one_line_naming_the_setting_that_moves_it(
+    tmp_path: Path, command: list[str], moved_by: str
+) -> None:
+    with socket.socket() as taken:  # another server, listening
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, *(part.format(port=port) for part in command)],
+            cwd=BACKEND_DIR,
+            env=_server_env(tmp_path, WORKER_PORT=str(port), LOCAL_DEVICE="cpu"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: 127.0.0.1:{port} is in use (another server?); {moved_by}"
+    ]
+
+
+@pytest.mark.parametrize(
     "command",
     [["-c", "import main"], ["-m", "server", "--port", "1"], ["-m", "tools.retention", "verify"]],
     ids=["uvicorn main:app", "python -m server", "tools.retention"],

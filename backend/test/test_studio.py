@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
-from test_principals import AUDIENCE, ISSUER, JwksServer, token
 
 from conftest import TEST_SIGNING_SECRET, s3_settings, wait_until
 from live_server import serve
 from main import create_app
+from test_principals import AUDIENCE, ISSUER, JwksServer, token
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -12,11 +12,11 @@ from config import BACKEND_DIR
 
 # From the top down: a module imports from its own layer and the ones below it, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entry points", ("main", "server", "gpu_worker", "tools", "examples")),
+    ("entry points", ("main", "server", "gunicorn.conf", "gpu_worker", "tools", "examples")),
     ("routers", ("routers", "middleware")),
     ("services", ("services",)),
     ("storage", ("services.storage",)),
-    ("domain and settings", ("mv", "config", "echo", "version", "observability")),
+    ("domain and settings", ("mv", "config", "echo", "version", "observability", "ports")),
 ]
 NOT_SOURCE = ("test", "mv/outputs", "mv/models")
 

@@ -28,10 +28,12 @@ RUN_MARKER = "<!-- readme-test: run -->"
 PORTS = (8000, 8001, 5000, 9000)
 # Paths outside the copy that the walk-through itself names.
 SCRATCH = (Path("/tmp/video-1"), Path("/tmp/mv-s3-cache"))
+# Whatever is still running when the script ends, however it ends (after the README's own stop
+# block, nothing: hence `|| true`, as the trap runs under `set -e`).
 STOP_SERVERS = (
-    'pkill -f "python -m server --host 127.0.0.1 --port 800"; '
-    'pkill -f "moto.server -H 127.0.0.1 -p 5000"; '
-    'pkill -f "examples/webhook_receiver.py 9000"'
+    'pkill -f "python -m server --host 127.0.0.1 --port 800" || true; '
+    'pkill -f "moto.server -H 127.0.0.1 -p 5000" || true; '
+    'pkill -f "examples/webhook_receiver.py 9000" || true'
 )
 # Run by the test once the blocks are done, while moto still serves: what the bucket holds.
 LIST_BUCKET = (
@@ -88,7 +90,19 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     _copy_working_tree(copy)
     for path in SCRATCH:
         shutil.rmtree(path, ignore_errors=True)
-    script = "\n".join(["set -euo pipefail", f"trap '{STOP_SERVERS}' EXIT", *blocks, LIST_BUCKET])
+    *walkthrough, stop = blocks
+    assert stop.startswith('pkill -f "python -m server'), "the last block stops everything"
+    # What the bucket holds is read while moto still serves; then the README's stop block,
+    # and what it left: a port still taken, a setting still exported.
+    left = (
+        "echo left: ${STORAGE_BACKEND:-} ${AWS_ENDPOINT_URL:-} ${WEBHOOK_SECRET:-}.; "
+        f"for port in {' '.join(map(str, PORTS))}; do "
+        "(exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && echo still listening: $port; "
+        "done; true"
+    )
+    script = "\n".join(
+        ["set -euo pipefail", f"trap '{STOP_SERVERS}' EXIT", *walkthrough, LIST_BUCKET, stop, left]
+    )
     (copy / "walkthrough.sh").write_text(script)
     try:
         result = subprocess.run(
@@ -106,6 +120,9 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     transcript = result.stdout + result.stderr
     assert result.returncode == 0, transcript[-4000:]  # every command, `cmp` included
     output = result.stdout
+    # The stop block: nothing left exported, nothing left listening.
+    assert "\nleft: .\n" in output
+    assert "still listening" not in output
     # Local mode: the image, its thumbnail, a delete that answers 204 and then NotFound.
     assert Image.open(copy / "robot.png").format == "PNG"
     with Image.open(copy / "thumb.webp") as thumbnail:

@@ -3,8 +3,9 @@
     cd backend && python -m server --host 127.0.0.1 --port 8000    # what `make run` runs
 
 Logging is set up before uvicorn starts, and uvicorn is told not to install its own, so the
-process writes nothing in another format (`uvicorn main:app` works too, but its first lines
-are uvicorn's plain text).
+process writes nothing in another format. The socket is bound here first, so that a port in
+use is one line naming PORT. (`uvicorn main:app` and gunicorn log in LOG_FORMAT too: the app
+sets up logging when `main:app` is created.)
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ class Settings(BaseSettings):
     s3_read_timeout: float = Field(default=30.0, gt=0, le=600)
     storage_max_concurrency: int = Field(default=8, ge=1, le=64)
     pending_upload_retry_seconds: float = Field(default=60.0, ge=1, le=86_400)
+    delete_poll_seconds: float = Field(default=1.0, ge=0.05, le=60)
     candidate_retention_days: int | None = Field(default=None, ge=1, le=36_500)
 
     # Generation

@@ -81,6 +81,16 @@ async def retry_pending_uploads_forever(service: AssetPersistenceService, interv
         await asyncio.sleep(interval)
 
 
+async def catch_up_on_deletes_forever(service: AssetPersistenceService, interval: float) -> None:
+    """Apply the other replicas' deletes to this replica's caches every `interval` seconds."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await service.catch_up_on_deletes()
+        except Exception as error:  # S3 unreachable, say: the next poll reads from the same point
+            logger.warning("reading the other replicas' deletes failed: %s", error)
+
+
 async def remove_abandoned_writes(root: Path) -> None:
     """Delete the temp files a killed process left in the local tier (in the background)."""
     try:
@@ -161,6 +171,17 @@ def create_app(
         )
         sweeper = asyncio.create_task(remove_abandoned_writes(settings.output_dir))
         background = [retrier, sweeper]
+        if assets.shared_deletes is not None:
+            # Before the first request: a restarted replica may hold copies deleted meanwhile.
+            try:
+                await assets.catch_up_on_deletes()
+            except Exception as error:
+                logger.warning("reading the other replicas' deletes failed: %s", error)
+            background.append(
+                asyncio.create_task(
+                    catch_up_on_deletes_forever(assets, settings.delete_poll_seconds)
+                )
+            )
         if settings.candidate_retention_days is not None:
             background.append(
                 asyncio.create_task(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from mv.ids import parse_image_id
 from mv.principals import Principal
@@ -29,6 +31,12 @@ from services.storage import (
 # every client still gets at least 90 % of PRESIGNED_URL_EXPIRY.
 REUSE_WHILE_VALIDITY_LEFT = 0.9
 MAX_REMEMBERED_URLS = 65_536
+# A URL worked out while its key was being deleted is not remembered: deleted keys are refused
+# for this long, more than any lookup takes.
+REFUSE_DELETED_FOR_SECONDS = 120.0
+
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,19 @@ class ImageDelivery:
         self._recent_urls: dict[str, PresignedUrl] = {}
         # image id -> its cloud copy and its owner (checked on every use)
         self._recent_cloud_images: dict[str, tuple[CloudImage, str | None]] = {}
+        self._deleted: dict[str, float] = {}  # key -> when it was forgotten
+        self._remember_lock = threading.Lock()  # lookups finish on worker threads
+
+    def _remember(self, memory: dict[str, _T], name: str, key: str, value: _T) -> bool:
+        """Remember `value` under `name` unless `key` was deleted meanwhile; whether it was."""
+        with self._remember_lock:
+            deleted_at = self._deleted.get(key)
+            if deleted_at is not None and self.clock() - deleted_at < REFUSE_DELETED_FOR_SECONDS:
+                return False
+            if len(memory) >= MAX_REMEMBERED_URLS:
+                memory.clear()
+            memory[name] = value
+            return True
 
     def _mostly_valid(self, url: PresignedUrl) -> bool:
         left = url.expires_at.timestamp() - self.clock()
@@ -87,10 +108,8 @@ class ImageDelivery:
         if recent is not None and self._mostly_valid(recent):
             return recent
         signed = self._signer.presign_existing(key, self._expiry)
-        if signed is not None:
-            if len(self._recent_urls) >= MAX_REMEMBERED_URLS:
-                self._recent_urls.clear()
-            self._recent_urls[key] = signed
+        if signed is not None and not self._remember(self._recent_urls, key, key, signed):
+            return None  # deleted while it was signed
         return signed
 
     async def locate(self, image_id: str, viewer: Principal) -> CloudImage | LocalImageFile:
@@ -109,10 +128,10 @@ class ImageDelivery:
         image_id = parse_image_id(image_id)
         # One hop for both steps.
         located, owner = await asyncio.to_thread(self._locate, image_id, viewer)
-        if isinstance(located, CloudImage):
-            if len(self._recent_cloud_images) >= MAX_REMEMBERED_URLS:
-                self._recent_cloud_images.clear()
-            self._recent_cloud_images[image_id] = (located, owner)
+        if isinstance(located, CloudImage) and not self._remember(
+            self._recent_cloud_images, image_id, located.key, (located, owner)
+        ):
+            raise CharacterReferenceNotFoundError(image_id)  # deleted while it was looked up
         return located
 
     def _locate(
@@ -143,13 +162,26 @@ class ImageDelivery:
         return await self.locate_key(key, validator, not_found)
 
     def forget(self, keys: list[str]) -> None:
-        """Drop what this replica remembers about deleted keys (URLs, thumbnails)."""
-        for key in keys:
-            self._recent_urls.pop(key, None)
-        for image_id, (cloud, _) in list(self._recent_cloud_images.items()):
-            if cloud.key in keys:
-                del self._recent_cloud_images[image_id]
+        """Drop what this replica remembers about deleted keys (URLs, thumbnails), and refuse
+        to remember them for a while (lookups that began before the delete may still end)."""
+        now = self.clock()
+        deleted = set(keys)
+        with self._remember_lock:
+            for key in keys:
+                self._deleted[key] = now
+                self._recent_urls.pop(key, None)
+            for image_id, (cloud, _) in list(self._recent_cloud_images.items()):
+                if cloud.key in deleted:
+                    del self._recent_cloud_images[image_id]
+            horizon = now - REFUSE_DELETED_FOR_SECONDS
+            self._deleted = {key: at for key, at in self._deleted.items() if at >= horizon}
         self.thumbnails.forget(keys)
+
+    def forget_prefix(self, prefix: str) -> None:
+        """`forget` every key under `prefix` that this replica remembers."""
+        with self._remember_lock:
+            keys = [key for key in self._recent_urls if key.startswith(prefix)]
+        self.forget(keys + self.thumbnails.known_under(prefix))
 
     async def locate_key(
         self, key: str, sha256: str | None, not_found: ObjectNotFoundError

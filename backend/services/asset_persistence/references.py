@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,9 @@ class CharacterReferences:
         self.urls = urls
         self.index = CharacterReferenceIndex(storage)
         # A miss is not remembered, so an image stored later (by another replica) is found.
-        self.find = functools.lru_cache(maxsize=MAX_REMEMBERED_LOCATIONS)(self._find)
+        self._found: dict[str, FoundImage] = {}
+        self._forgotten = 0  # how many times everything was forgotten (after deletes)
+        self._found_lock = threading.Lock()
 
     async def store(
         self,
@@ -179,13 +182,25 @@ class CharacterReferences:
         """The sidecar of a standalone image, or None. Blocking."""
         return read_sidecar(self.storage, image_id)
 
-    def _find(self, image_id: str) -> FoundImage:
+    def find(self, image_id: str) -> FoundImage:
         """Key, expected sha256 and owner of a standalone image, from its sidecar (or, with no
-        sidecar, by extension: no sha256, no owner).
+        sidecar, by extension: no sha256, no owner); remembered once found.
 
-        Blocking; `find` is the same with a memory of what was found.
-        CharacterReferenceNotFoundError when no image has this id.
+        Blocking. CharacterReferenceNotFoundError when no image has this id.
         """
+        found = self._found.get(image_id)
+        if found is not None:
+            return found
+        forgotten = self._forgotten
+        found = self._find(image_id)
+        with self._found_lock:
+            if self._forgotten == forgotten:  # else a delete came meanwhile: not remembered
+                if len(self._found) >= MAX_REMEMBERED_LOCATIONS:
+                    del self._found[next(iter(self._found))]  # the oldest
+                self._found[image_id] = found
+        return found
+
+    def _find(self, image_id: str) -> FoundImage:
         record = self.read_record(image_id)
         if record is not None:
             extension = normalize_image_extension(record.content_type.rpartition("/")[2])
@@ -207,4 +222,6 @@ class CharacterReferences:
 
     def forget_locations(self) -> None:
         """Forget where images were found (after a delete)."""
-        self.find.cache_clear()
+        with self._found_lock:
+            self._forgotten += 1
+            self._found.clear()

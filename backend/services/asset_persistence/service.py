@@ -7,6 +7,7 @@ to await from the event loop) and hands the work to the collaborator that owns i
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -15,7 +16,11 @@ from config import Settings, get_settings
 from mv.ids import InvalidKeyError, parse_image_id, parse_job_id
 from mv.lists import CharacterReferenceListItem, CharacterReferencePage
 from mv.principals import EVERYONE, Principal
-from services.asset_persistence.deletion import delete_character_reference, delete_job_files
+from services.asset_persistence.deletion import (
+    Announce,
+    delete_character_reference,
+    delete_job_files,
+)
 from services.asset_persistence.delivery import ImageDelivery
 from services.asset_persistence.job_directories import JobDirectories, JobUrls
 from services.asset_persistence.job_references import JobReferences
@@ -35,10 +40,12 @@ from services.asset_persistence.references import (
     prepare_bytes,
     prepare_file,
 )
+from services.asset_persistence.shared_deletes import Kind, SharedDeletes
 from services.asset_persistence.signing import url_signer
 from services.asset_persistence.thumbnails import ThumbnailStore
 from services.asset_persistence.urls import AssetUrls, LocalAssetUrls
 from services.storage import (
+    CachesSharedObjects,
     HoldsPendingUploads,
     ObjectNotFoundError,
     StorageBackend,
@@ -84,6 +91,16 @@ class AssetPersistenceService:
             presigned_url_expiry=settings.presigned_url_expiry,
         )
         self._pending = storage if isinstance(storage, HoldsPendingUploads) else None
+        # Replicas that cache a shared tier tell each other of deletes.
+        self.shared_deletes = (
+            SharedDeletes(storage, self.delivery, self.references)
+            if isinstance(storage, CachesSharedObjects)
+            else None
+        )
+
+    def _announcer(self, kind: Kind, id_: str) -> Announce | None:
+        shared = self.shared_deletes
+        return None if shared is None else functools.partial(shared.announce, kind, id_)
 
     # ------------------------------------------------------------ the Python API
 
@@ -176,7 +193,9 @@ class AssetPersistenceService:
         record = await asyncio.to_thread(self.references.read_record, image_id)
         if not viewer.may_see(record.owner if record is not None else None):
             raise CharacterReferenceNotFoundError(image_id)
-        removed = await delete_character_reference(self.storage, image_id, record)
+        removed = await delete_character_reference(
+            self.storage, image_id, record, self._announcer("image", image_id)
+        )
         self.references.forget_locations()
         self.delivery.forget(removed)
         if not removed:
@@ -187,7 +206,7 @@ class AssetPersistenceService:
         """Delete every stored file of a job and then its manifest; return the keys removed."""
         job_id = parse_job_id(job_id)
         async with self.manifests.job_lock(job_id):  # not in the middle of this replica's merges
-            removed = await delete_job_files(self.storage, job_id)
+            removed = await delete_job_files(self.storage, job_id, self._announcer("job", job_id))
         self.delivery.forget(removed)
         return removed
 
@@ -319,10 +338,25 @@ class AssetPersistenceService:
     # ------------------------------------------------------------ maintenance
 
     async def retry_pending_uploads(self) -> list[str]:
-        """Upload objects that earlier failed to reach S3; return the keys uploaded."""
-        if self._pending is None:
+        """Upload objects that earlier failed to reach S3 (never one another replica deleted
+        meanwhile); return the keys uploaded."""
+        pending = self._pending
+        if pending is None:
             return []
-        return await asyncio.to_thread(self._pending.retry_pending, merger_for)
+
+        async def retry() -> list[str]:
+            return await asyncio.to_thread(pending.retry_pending, merger_for)
+
+        if self.shared_deletes is None:
+            return await retry()
+        return await self.shared_deletes.retry_pending(retry)
+
+    async def catch_up_on_deletes(self) -> int:
+        """Drop what this replica cached of images and jobs other replicas deleted since the
+        last call; return how many deletes were applied (0 where no tier is shared)."""
+        if self.shared_deletes is None:
+            return 0
+        return len(await self.shared_deletes.catch_up())
 
     def pending_uploads(self) -> Iterable[str]:
         """Keys stored locally that still wait for an upload."""

@@ -68,6 +68,10 @@ class ThumbnailStore:
         thumbnail = render_thumbnail(self.storage.get_bytes(image_key), size)
         self.storage.put_bytes(key, thumbnail, THUMBNAIL_CONTENT_TYPE)
 
+    def known_under(self, prefix: str) -> list[str]:
+        """The thumbnails under `prefix` this store remembers."""
+        return self._made.under(prefix)
+
     def forget(self, keys: list[str]) -> None:
         """Drop deleted thumbnails from what this store remembers."""
         for key in keys:

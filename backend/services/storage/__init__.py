@@ -15,6 +15,7 @@ Everything outside this package imports from here. Read it in this order:
 from mv.ids import InvalidKeyError
 from services.storage.atomic import is_temp_file, remove_abandoned_temp_files, sha256_file
 from services.storage.base import (
+    CachesSharedObjects,
     ChecksHealth,
     HasLocalCopies,
     HoldsPendingUploads,
@@ -69,6 +70,7 @@ __all__ = [
     "JOB_CHARACTER_REFERENCE_DIR",
     "MANIFEST_NAME",
     "THUMBNAIL_SIZES",
+    "CachesSharedObjects",
     "ChecksHealth",
     "ConcurrentUpdateError",
     "HasLocalCopies",

@@ -170,6 +170,34 @@ class HasLocalCopies(Protocol):
 
 
 @runtime_checkable
+class CachesSharedObjects(StorageBackend, HoldsPendingUploads, Protocol):
+    """A tiered store whose local tier caches a remote one that other replicas write too."""
+
+    @property
+    def remote(self) -> StorageBackend:
+        """The shared tier."""
+        ...
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this machine keeps its own records about the shared tier."""
+        ...
+
+    def pending_since(self, key: str) -> float | None:
+        """When the pending upload of `key` was first held (seconds since the epoch), or None."""
+        ...
+
+    def cached_keys(self, prefix: str) -> list[str]:
+        """Keys under `prefix` that this machine holds: local copies and pending uploads."""
+        ...
+
+    def evict(self, key: str, deleted_at: float) -> None:
+        """Forget `key`, deleted by another replica at `deleted_at` (seconds since the epoch):
+        its local copy and what is remembered of it, and a pending upload older than that."""
+        ...
+
+
+@runtime_checkable
 class SignsExistingKeys(Protocol):
     """A store that can presign a key after checking that its remote copy exists."""
 

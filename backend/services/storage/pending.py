@@ -22,6 +22,11 @@ class PendingUpload:
     attempts: int
     last_error: str
 
+    @property
+    def since_timestamp(self) -> float:
+        """When the key was first held, in seconds since the epoch."""
+        return datetime.fromisoformat(self.since).timestamp()
+
 
 class PendingUploads:
     """A thread-safe set of pending keys, each also recorded as a small JSON file."""
@@ -61,6 +66,10 @@ class PendingUploads:
         with self._lock:
             if self._records.pop(key, None) is not None:
                 self._path(key).unlink(missing_ok=True)
+
+    def get(self, key: str) -> PendingUpload | None:
+        """The pending upload of `key`, if there is one."""
+        return self._records.get(key)
 
     def __contains__(self, key: object) -> bool:
         return key in self._records

@@ -28,7 +28,8 @@ from services.storage.pending import PendingUploads
 from services.storage.s3 import S3StorageBackend
 
 logger = logging.getLogger(__name__)
-PENDING_DIR = ".storage/pending"
+STATE_DIR = ".storage"
+PENDING_DIR = f"{STATE_DIR}/pending"
 MAX_REMEMBERED_DELETES = 10_000
 
 
@@ -51,6 +52,11 @@ class KnownKeys:
         """Forget `key`."""
         with self._lock:
             self._keys.pop(key, None)
+
+    def under(self, prefix: str) -> list[str]:
+        """The remembered keys under `prefix`."""
+        with self._lock:
+            return [key for key in self._keys if key.startswith(prefix)]
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -233,12 +239,44 @@ class WriteThroughStorageBackend:
         """
         self.known.discard(key)
         self.pending.remove(key)
+        self._count_delete(key)
+        self.remote.delete(key)
+        self.local.delete(key)
+
+    def _count_delete(self, key: str) -> None:
         with self._deletes_lock:
             self._deletes[key] = self._deletes.pop(key, 0) + 1
             while len(self._deletes) > MAX_REMEMBERED_DELETES:
                 del self._deletes[next(iter(self._deletes))]  # the oldest
-        self.remote.delete(key)
+
+    def evict(self, key: str, deleted_at: float) -> None:
+        """Forget `key`, which another replica deleted from S3 at `deleted_at`: the local copy
+        (a fetch from S3 that the eviction overtakes keeps nothing either), the memory of it
+        being in S3, and a pending upload written before the delete (the delete wins). A
+        pending upload written after it is a new object under the same key, and stays."""
+        pending = self.pending.get(key)
+        if pending is not None and pending.since_timestamp > deleted_at:
+            return
+        self.known.discard(key)
+        self.pending.remove(key)
+        self._count_delete(key)
         self.local.delete(key)
+
+    @property
+    def state_dir(self) -> Path:
+        """This machine's records about S3 (pending uploads, deletes read), in the local tier."""
+        return self.local.root / STATE_DIR
+
+    def pending_since(self, key: str) -> float | None:
+        """When the pending upload of `key` was first held, or None when it is not pending."""
+        pending = self.pending.get(key)
+        return None if pending is None else pending.since_timestamp
+
+    def cached_keys(self, prefix: str) -> list[str]:
+        """Keys under `prefix` held on this machine: local copies and pending uploads."""
+        folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        pending = (key for key in self.pending_keys() if key.startswith(folder))
+        return sorted({*self.local.list_keys(prefix), *pending})
 
     def list_keys(self, prefix: str) -> list[str]:
         """Keys in S3 plus those still pending locally."""

@@ -19,6 +19,7 @@ CPU_ROWS: tuple[str, ...] = (
     "attach to one job, 8 writers on 2 replicas (S3)",
     "attach to one job, 8 writers on 2 replicas (one OUTPUT_DIR)",
     "local image GET vs bare FileResponse app",
+    "S3 mode, local tier's copy vs bare FileResponse app",
     "redirect (307 to S3) vs bare redirect app",
     "4 candidates as thumbnails vs originals",
     "4 noise candidates as thumbnails vs originals",

@@ -6,7 +6,10 @@ keep-alive connection, alternating between the API and its baseline in short rou
 
 1. local mode: GET /api/mv/get_character_reference/{id} (id check, lookup, ETag, the file)
    against a bare Starlette app whose only route returns a FileResponse of the same file;
-2. redirect mode (S3 on a moto server, SERVE_FROM_CLOUD=true): GET ...?redirect=true (id check,
+2. S3 mode serving the local tier's copy (S3 on a moto server, SERVE_FROM_CLOUD=false): the same
+   GET, with the replica reading the other replicas' deletes every second meanwhile, against the
+   same bare app;
+3. redirect mode (S3 on a moto server, SERVE_FROM_CLOUD=true): GET ...?redirect=true (id check,
    lookup, presigning, 307) against a bare app whose only route returns a 307 to the same URL.
 """
 
@@ -123,6 +126,22 @@ def measure(count: int = 250, rounds: int = 20) -> list[Row]:
             "AWS_ENDPOINT_URL": endpoint,
             "SERVE_FROM_CLOUD": "true",
         }
+        cached, cached_url = start_server(
+            "main:app",
+            BACKEND_DIR,
+            {**cloud_env, "OUTPUT_DIR": str(work / "s3-cache"), "SERVE_FROM_CLOUD": "false"},
+        )
+        processes.append(cached)
+        with httpx.Client(base_url=cached_url) as client:
+            cached_id = client.post(
+                "/api/mv/upload_character_reference", files={"file": ("a.png", image.read_bytes())}
+            ).json()["id"]
+            cached_path = f"/api/mv/get_character_reference/{cached_id}"
+        cached_local = compare(
+            f"{cached_url}{cached_path}", f"{bare_url}/image", 200, count, rounds
+        )
+        cached.terminate()  # one API at a time, as in the other rows
+        cached.wait(30)
         cloud, cloud_url = start_server("main:app", BACKEND_DIR, cloud_env)
         processes.append(cloud)
         with httpx.Client(base_url=cloud_url) as client:
@@ -149,6 +168,13 @@ def measure(count: int = 250, rounds: int = 20) -> list[Row]:
             "req/s",
             True,
             f"{image.stat().st_size // 1000} KB PNG, sequential, keep-alive",
+        ),
+        Row(
+            "S3 mode, local tier's copy vs bare FileResponse app",
+            *cached_local,
+            "req/s",
+            True,
+            "deletes read every 1 s meanwhile",
         ),
         Row(
             "redirect (307 to S3) vs bare redirect app",

@@ -68,6 +68,40 @@ def _wait_healthy(replica: Replica, timeout: float) -> None:
     raise RuntimeError(f"{replica.name} did not answer /health:\n{replica.log.read_text()[-3000:]}")
 
 
+def start_replica(name: str, settings: Mapping[str, str], log_dir: Path) -> Replica:
+    """Start one uvicorn process with `settings` on a free port (not waiting for it)."""
+    port = _free_port()
+    log = log_dir / f"{name}.log"
+    command = [
+        sys.executable, "-m", "uvicorn", "main:app",
+        "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+    ]  # fmt: skip
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=BACKEND_DIR,
+            env=process_environment({"INSTANCE_NAME": name, **settings}),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    return Replica(name, f"http://127.0.0.1:{port}", process, log)
+
+
+def wait_healthy(replica: Replica, timeout: float = 90) -> None:
+    """Wait until `replica` answers /health; RuntimeError (with its log) if it does not."""
+    _wait_healthy(replica, timeout)
+
+
+def stop_replica(replica: Replica) -> None:
+    """SIGTERM, then SIGKILL after 15 s."""
+    replica.process.terminate()
+    try:
+        replica.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        replica.process.kill()
+        replica.process.wait()
+
+
 @contextlib.contextmanager
 def run_replicas(
     settings_by_name: Mapping[str, Mapping[str, str]], log_dir: Path, timeout: float = 90
@@ -76,21 +110,7 @@ def run_replicas(
     replicas: list[Replica] = []
     try:
         for name, settings in settings_by_name.items():
-            port = _free_port()
-            log = log_dir / f"{name}.log"
-            command = [
-                sys.executable, "-m", "uvicorn", "main:app",
-                "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-            ]  # fmt: skip
-            with log.open("wb") as output:
-                process = subprocess.Popen(
-                    command,
-                    cwd=BACKEND_DIR,
-                    env=process_environment({"INSTANCE_NAME": name, **settings}),
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                )
-            replicas.append(Replica(name, f"http://127.0.0.1:{port}", process, log))
+            replicas.append(start_replica(name, settings, log_dir))
         for replica in replicas:
             _wait_healthy(replica, timeout)
         yield replicas
@@ -98,8 +118,4 @@ def run_replicas(
         for replica in replicas:
             replica.process.terminate()
         for replica in replicas:
-            try:
-                replica.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                replica.process.kill()
-                replica.process.wait()
+            stop_replica(replica)

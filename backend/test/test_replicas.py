@@ -351,3 +351,29 @@ def test_the_replica_that_does_not_run_a_generation_streams_its_events(pair: Pai
         assert "progress" in received, received  # read from the shared record
     finally:
         worker.steps, worker.step_seconds = 4, 0.02
+
+
+def test_a_delete_on_one_replica_is_seen_by_the_other_within_its_window(pair: Pair) -> None:
+    deleter, other = pair.replicas
+    uploaded = httpx.post(
+        deleter.url + "/api/mv/upload_character_reference",
+        files={"file": ("gone.png", _png(4242), "image/png")},
+    )
+    assert uploaded.status_code == 201
+    image_id = uploaded.json()["id"]
+    reads = [
+        f"/api/mv/get_character_reference/{image_id}",
+        f"/api/mv/character_references/{image_id}/metadata",
+        f"/api/mv/character_references/{image_id}/thumbnail/256",
+    ]
+    # The other replica serves it first, and so holds its own copies (in S3 mode).
+    assert [httpx.get(other.url + path).status_code for path in reads] == [200, 200, 200]
+
+    assert httpx.delete(deleter.url + f"/api/mv/character_references/{image_id}").status_code == 204
+    # DELETE_POLL_SECONDS is 1 (the default); the README promises about a second.
+    wait_until(
+        lambda: [httpx.get(other.url + path).status_code for path in reads] == [404] * 3,
+        timeout=5,
+    )
+    assert [httpx.get(deleter.url + path).status_code for path in reads] == [404] * 3
+    assert pair.keys(f"character_references/{image_id}") == []

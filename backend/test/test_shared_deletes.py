@@ -32,7 +32,6 @@ from services.asset_persistence.shared_deletes import (
     Tombstone,
 )
 from services.storage import (
-    ObjectNotFoundError,
     WriteThroughStorageBackend,
     character_reference_sidecar_key,
     get_storage_backend,
@@ -286,22 +285,26 @@ async def test_a_delete_stamped_by_a_slower_clock_is_still_read(
     assert not _tiered(b).local.exists(key)
 
 
-async def test_a_failed_listing_loses_no_delete(
-    open_replica: Callable[..., AssetPersistenceService], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failing", ["list_page", "evict"])
+async def test_a_failed_catch_up_loses_no_delete(
+    open_replica: Callable[..., AssetPersistenceService],
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
 ) -> None:
     a, b = open_replica("a"), open_replica("b")
     await b.catch_up_on_deletes()
     image_id, key = await _store(a)
     await _serve_everything(b, image_id)
     await a.delete_character_reference(image_id)
-    remote = _tiered(b).remote
+    # The listing fails (S3 unreachable), or the eviction does (a disk error).
+    target = _tiered(b).remote if failing == "list_page" else _tiered(b)
 
-    def unreachable(*args: object) -> list[str]:
-        raise ObjectNotFoundError("bucket unreachable")
+    def fails(*args: object) -> None:
+        raise OSError("unreachable")
 
     with monkeypatch.context() as patch:
-        patch.setattr(remote, "list_page", unreachable)
-        with pytest.raises(ObjectNotFoundError):
+        patch.setattr(target, failing, fails)
+        with pytest.raises(OSError):
             await b.catch_up_on_deletes()
     assert _tiered(b).local.exists(key)
     assert await b.catch_up_on_deletes() == 1

@@ -12,6 +12,8 @@ down, leaving no process behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -20,6 +22,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from config import Settings, SettingsError, load_settings
+from gpu_worker.logs import JsonStderr, print_worker_lines_as_json
+from observability import configure_logging
 from ports import PortUnavailableError, check_port_free
 from services.generation.diffusion import brief
 
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from ray.serve import Application
 
 APP_NAME = "gpu-worker"
+logger = logging.getLogger("gpu_worker")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["WORKER_TOKEN"] = secrets.token_urlsafe(24)
     try:
         settings = load_settings()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        if settings.log_format == "json":
+            stack.callback(JsonStderr().close)
+            print_worker_lines_as_json()
+        configure_logging(settings.log_format, settings.log_level)
+        return _start(settings, options.host)
+
+
+def _start(settings: Settings, host: str) -> int:
+    """Check the port, build the app and serve it until a signal; the exit status."""
+    try:
         from gpu_worker.app import build_app
 
         application = build_app()
@@ -51,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:  # a cluster of its own: its proxy will take WORKER_PORT
         try:
-            check_port_free(options.host, settings.worker_port)
+            check_port_free(host, settings.worker_port)
         except PortUnavailableError as error:
             print(
                 f"error: {error}; WORKER_PORT=<another> make worker moves the worker tier",
@@ -62,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        return _serve(application, settings, options.host, address, stop)
+        return _serve(application, settings, host, address, stop)
     except RayError as error:  # Ray or Serve could not start (a port taken, an actor lost)
         print(f"error: the worker tier did not start: {brief(error)}", file=sys.stderr)
         return 1
@@ -80,8 +99,10 @@ def _serve(
     from ray import serve
 
     from gpu_worker.cluster import serve_on_ray
+    from gpu_worker.logs import route_ray_logs
 
     with serve_on_ray(host, settings.worker_port, address=address, logging_level="WARNING") as url:
+        route_ray_logs()
         if settings.local_device != "cpu" and not ray.cluster_resources().get("GPU"):
             print(
                 f"error: LOCAL_DEVICE={settings.local_device} needs a GPU and this Ray cluster has "
@@ -106,7 +127,7 @@ def _serve(
             while not stop.wait(0.5):
                 pass
         finally:
-            print("stopping the worker tier", file=sys.stderr)
+            logger.info("stopping the worker tier")
             if address is not None:
                 serve.delete(APP_NAME)  # a cluster this command joined keeps running
     return 0

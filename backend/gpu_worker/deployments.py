@@ -18,6 +18,7 @@ call (the others' images are still made; the canceled one's are discarded).
 import asyncio
 import contextlib
 import hmac
+import logging
 import math
 import os
 import socket
@@ -37,6 +38,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.types import Receive, Scope, Send
 
+from gpu_worker.logs import configure_replica_logging
 from mv.character_reference import MAX_IMAGES_PER_REQUEST
 from routers.errors.shape import error_response  # the API's one error shape
 from services.asset_persistence import encode_image, identify_image
@@ -71,6 +73,7 @@ from services.generation.worker_protocol import (
 INFO_TIMEOUT_SECONDS = 1.0
 DEFAULT_RETRY_AFTER_SECONDS = 2.0
 ENCODER_THREADS = 4
+logger = logging.getLogger(__name__)
 
 Event = Accepted | Progress | EncodedImage | Done | Failed
 # What one step of a batch hands each caller: its new events, or the end of its stream.
@@ -108,8 +111,17 @@ class DiffusionWorker:
     def __init__(
         self, model_id: str, device: DeviceSetting, loader: PipelineLoader = load_pipeline
     ) -> None:
+        configure_replica_logging()
+        started = time.perf_counter()
         # Loading before the replica takes traffic: a replica answers only once it can serve.
         self.model = DiffusionModel.load(model_id, device, loader)
+        logger.info(
+            "loaded %s on %s in %.1f s",
+            model_id,
+            self.model.device,
+            time.perf_counter() - started,
+            extra={"model": model_id, "device": self.model.device},
+        )
         if self.model.device == "cpu":
             # Ray caps a replica's threads at its logical CPUs; a model on the CPU gets the
             # node's cores, as the in-process generator does.
@@ -274,6 +286,7 @@ class WorkerIngress:
     """The worker tier's HTTP API; see the module docstring."""
 
     def __init__(self, worker: DeploymentHandle, token: str) -> None:
+        configure_replica_logging()
         self._worker = worker
         self._token = token.encode()
         self._recent_seconds: float | None = None

@@ -623,7 +623,7 @@ def make_worker_env(model: Path, **settings: str) -> dict[str, str]:
     return env
 
 
-def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
+def test_make_worker_serves_prints_its_url_logs_json_and_leaves_nothing_behind(
     tiny_sdxl_turbo: Path, ray_serve: str, tmp_path: Path
 ) -> None:
     others = _ray_processes()  # the session's own cluster stays
@@ -632,7 +632,7 @@ def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
         command = subprocess.Popen(
             MAKE_WORKER,
             cwd=BACKEND_DIR,
-            env=make_worker_env(tiny_sdxl_turbo),
+            env=make_worker_env(tiny_sdxl_turbo, LOG_FORMAT="json", LOG_LEVEL="INFO"),
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -652,10 +652,35 @@ def test_make_worker_serves_prints_its_url_and_leaves_nothing_behind(
         ready = httpx.get(url + "/ready", headers={TOKEN_HEADER: token}, timeout=30)
         assert ready.json()["model"] == str(tiny_sdxl_turbo)
         assert len(token) >= 16  # made for the run, since none was set
+        # A description longer than CLIP's 77 tokens: the tokenizer warns, a known noise.
+        long_prompt = " ".join(["a dancer in a long red coat with brass buttons"] * 12)
+        with httpx.stream(
+            "POST",
+            url + "/generate",
+            json={"prompts": [long_prompt], "seeds": [3]},
+            headers={TOKEN_HEADER: token},
+            timeout=60,
+        ) as reply:
+            assert reply.status_code == 200
+            assert b'{"event":"done"' in b"".join(reply.iter_bytes())
     finally:
         command.send_signal(signal.SIGINT)
         assert command.wait(120) == 0
     wait_until(lambda: not (_ray_processes() - others), timeout=60)
+
+    # Every line on stderr is a JSON record: the driver's, Ray's, Serve's and the replicas'.
+    records = [json.loads(line) for line in errors.read_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(record) for record in records)
+    by_logger = {record["logger"] for record in records}
+    loaded = [r for r in records if r["logger"] == "gpu_worker.deployments"]
+    assert loaded[0]["message"].startswith(f"loaded {tiny_sdxl_turbo} on cpu")  # a replica's own
+    serve_lines = [r for r in records if r["logger"] == "gpu_worker.ray_workers"]
+    assert {"ServeController", "ProxyActor"} <= {r["ray_process"] for r in serve_lines}
+    assert any("POST /generate 200" in r["message"] for r in serve_lines)
+    assert "gpu_worker" in by_logger  # "stopping the worker tier"
+    # The API's noise filter applies in the replicas too.
+    assert not [r for r in records if "Token indices sequence length" in r["message"]]
+    assert not [r for r in records if "Autoscaler status" in r["message"]]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import secrets
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from config import Settings, SettingsError, load_settings
 from gpu_worker.logs import JsonStderr, print_worker_lines_as_json
@@ -47,16 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    with contextlib.ExitStack() as stack:
-        if settings.log_format == "json":
-            stack.callback(JsonStderr().close)
-            print_worker_lines_as_json()
-        configure_logging(settings.log_format, settings.log_level)
-        return _start(settings, options.host)
+    configure_logging(settings.log_format, settings.log_level)
+    return _start(settings, options.host)
 
 
 def _start(settings: Settings, host: str) -> int:
-    """Check the port, build the app and serve it until a signal; the exit status."""
+    """Build the app, check the port and serve until a signal; the exit status.
+
+    What stops the start is one plain line on stderr, whatever LOG_FORMAT says.
+    """
     try:
         from gpu_worker.app import build_app
 
@@ -80,11 +79,18 @@ def _start(settings: Settings, host: str) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    try:
-        return _serve(application, settings, host, address, stop)
-    except RayError as error:  # Ray or Serve could not start (a port taken, an actor lost)
-        print(f"error: the worker tier did not start: {brief(error)}", file=sys.stderr)
-        return 1
+    with contextlib.ExitStack() as stack:
+        errors = sys.stderr
+        if settings.log_format == "json":  # from here on, Ray writes to the terminal too
+            json_stderr = JsonStderr()
+            stack.callback(json_stderr.close)
+            errors = json_stderr.real
+            print_worker_lines_as_json()
+        try:
+            return _serve(application, settings, host, address, stop, errors)
+        except RayError as error:  # Ray or Serve could not start (a port taken, an actor lost)
+            print(f"error: the worker tier did not start: {brief(error)}", file=errors)
+            return 1
 
 
 def _serve(
@@ -93,8 +99,10 @@ def _serve(
     host: str,
     address: str | None,
     stop: threading.Event,
+    errors: TextIO,
 ) -> int:
-    """Deploy the app on a cluster of its own (or the one at `address`) until `stop` is set."""
+    """Deploy the app on a cluster of its own (or the one at `address`) until `stop` is set;
+    what stops it is one line on `errors`."""
     import ray
     from ray import serve
 
@@ -107,13 +115,13 @@ def _serve(
             print(
                 f"error: LOCAL_DEVICE={settings.local_device} needs a GPU and this Ray cluster has "
                 "none; set LOCAL_DEVICE=cpu with a model small enough for CPUs (make tiny-model)",
-                file=sys.stderr,
+                file=errors,
             )
             return 2
         try:
             serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError as error:  # the replicas could not start (the model did not load)
-            print(f"error: the worker app did not start: {error}", file=sys.stderr)
+            print(f"error: the worker app did not start: {error}", file=errors)
             return 1
         try:
             token = os.environ["WORKER_TOKEN"]

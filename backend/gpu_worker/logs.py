@@ -78,6 +78,7 @@ class JsonStderr:
         os.dup2(write_end, 2)
         os.close(write_end)
         self._out = open(self._real, "w", buffering=1, closefd=False)  # noqa: SIM115
+        self.real = self._out  # for what must stay a plain line (a start that failed)
         self._reader = threading.Thread(
             target=self._forward, args=(read_end,), name="json-stderr", daemon=True
         )

@@ -199,8 +199,13 @@ def test_server_command_runs_the_flow_with_the_tiny_model(tmp_path: Path, tiny_f
             "PORT=<another> make run (python -m server --port <another>) moves this server",
         ),
         (["-m", "gpu_worker"], "WORKER_PORT=<another> make worker moves the worker tier"),
+        (
+            ["-m", "tools.moto_server"],
+            "MOTO_PORT=<another> moves moto "
+            "(and AWS_ENDPOINT_URL=http://127.0.0.1:<another> points the API at it)",
+        ),
     ],
-    ids=["make run", "make worker"],
+    ids=["make run", "make worker", "moto"],
 )
 def test_a_port_in_use_is_one_line_naming_the_setting_that_moves_it(
     tmp_path: Path, command: list[str], moved_by: str
@@ -212,7 +217,9 @@ def test_a_port_in_use_is_one_line_naming_the_setting_that_moves_it(
         result = subprocess.run(
             [sys.executable, *(part.format(port=port) for part in command)],
             cwd=BACKEND_DIR,
-            env=_server_env(tmp_path, WORKER_PORT=str(port), LOCAL_DEVICE="cpu"),
+            env=_server_env(
+                tmp_path, WORKER_PORT=str(port), MOTO_PORT=str(port), LOCAL_DEVICE="cpu"
+            ),
             capture_output=True,
             text=True,
             timeout=60,

@@ -91,6 +91,7 @@ class LiveGeneration:
     request_id: str | None = field(default_factory=request_id_var.get)
     # An async generation: shed by the generator, it waits and is tried again (see above).
     waits_out_shedding: bool = False
+    ran_seconds: float | None = None  # how long the attempt that ran took (not the waits)
 
     @property
     def generation_id(self) -> str:
@@ -253,7 +254,6 @@ class GenerationQueue:
         entry.task = asyncio.create_task(self._generate(entry))
         await self._save_quietly(record)  # while the generation already runs
         await asyncio.wait({entry.task})
-        elapsed = time.perf_counter() - started
         task = entry.task
         if task.cancelled() or isinstance(task.exception(), GenerationCanceledError):
             await self._finish(entry, "canceled")
@@ -263,6 +263,8 @@ class GenerationQueue:
             await self._finish(entry, "failed", error=self._classify(error), exception=error)
             return
         response = task.result()
+        # The generator's time, for the metric and Retry-After: waits for room are not it.
+        elapsed = entry.ran_seconds or (time.perf_counter() - started)
         backend = response.metadata.backend
         self.metrics.generation_seconds.labels(backend).observe(elapsed)
         if response.metadata.fallback_reason:
@@ -281,8 +283,9 @@ class GenerationQueue:
         attempt = 0
         while True:
             attempt += 1
+            attempt_started = time.perf_counter()
             try:
-                return await self._run_generation(record.request, entry.progress, record.owner)
+                response = await self._run_generation(record.request, entry.progress, record.owner)
             except GenerationBusyError as shed:
                 if not entry.waits_out_shedding:
                     raise
@@ -303,6 +306,9 @@ class GenerationQueue:
                 await asyncio.sleep(delay)  # a cancel ends the wait
                 record.status = "running"
                 await self._save_quietly(record)
+            else:
+                entry.ran_seconds = time.perf_counter() - attempt_started
+                return response
 
     async def _finish(
         self,

@@ -32,6 +32,7 @@ from services.asset_persistence.shared_deletes import (
     Tombstone,
 )
 from services.storage import (
+    StorageUnavailableError,
     WriteThroughStorageBackend,
     character_reference_sidecar_key,
     get_storage_backend,
@@ -356,3 +357,54 @@ async def test_a_presigned_url_signed_while_the_delete_was_read_is_not_handed_ou
     with pytest.raises(CharacterReferenceNotFoundError):
         await b.delivery.locate(image_id, EVERYONE)  # and nothing was remembered
     assert not signer.local.exists(key)
+
+
+async def test_an_overtaking_upload_is_deleted_by_the_next_catch_up_when_this_one_fails(
+    open_replica: Callable[..., AssetPersistenceService],
+    bucket: Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = open_replica("a"), open_replica("b")
+    image_id, _ = await _store(a)
+    sidecar = character_reference_sidecar_key(image_id)
+    _tiered(b).hold(sidecar, _tiered(a).get_bytes(sidecar), "application/json")
+    shared = b.shared_deletes
+    assert shared is not None
+    remote = _tiered(b).remote
+    list_page = remote.list_page
+
+    async def upload_after_a_delete_then_lose_s3() -> list[str]:
+        await a.delete_character_reference(image_id)
+        uploaded = await asyncio.to_thread(_tiered(b).retry_pending)
+        monkeypatch.setattr(remote, "list_page", unreachable)  # the check after it fails
+        return uploaded
+
+    def unreachable(*args: object) -> list[str]:
+        raise StorageUnavailableError("bucket unreachable")
+
+    await shared.retry_pending(upload_after_a_delete_then_lose_s3)
+    assert bucket.keys("character_references/") == [sidecar]  # back, for now
+    monkeypatch.setattr(remote, "list_page", list_page)
+    await b.catch_up_on_deletes()  # the poll loop's next round
+    assert bucket.keys("character_references/") == []
+
+
+async def test_while_deletes_cannot_be_read_nothing_is_uploaded(
+    open_replica: Callable[..., AssetPersistenceService],
+    bucket: Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    b = open_replica("b")
+    key = f"character_references/{uuid.uuid4()}.json"
+    _tiered(b).hold(key, b"{}", "application/json")
+
+    def unreachable(*args: object) -> list[str]:
+        raise StorageUnavailableError("bucket unreachable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_tiered(b).remote, "list_page", unreachable)
+        assert await b.retry_pending_uploads() == []
+    assert bucket.keys("character_references/") == []
+    assert list(b.pending_uploads()) == [key]
+    assert await b.retry_pending_uploads() == [key]
+    assert bucket.keys("character_references/") == [key]

@@ -35,8 +35,10 @@ from services.storage import (
     CHARACTER_REFERENCES_PREFIX,
     JOBS_PREFIX,
     CachesSharedObjects,
+    KnownKeys,
     PreconditionFailedError,
     StorageBackend,
+    StorageError,
     job_prefix,
 )
 from services.storage.atomic import write_bytes_atomic
@@ -203,13 +205,21 @@ class SharedDeletes:
         self.references = references
         self.feed = DeletionFeed(storage.remote, storage.state_dir, clock)
         self._catching_up = asyncio.Lock()
+        # Uploads of pending keys not yet checked against a listing made after them: key ->
+        # (when it was first held, when it was uploaded).
+        self._unchecked: dict[str, tuple[float, float]] = {}
+        self._deleted_again = KnownKeys(capacity=10_000)
 
     async def announce(self, kind: Kind, id_: str) -> None:
         """Tell the other replicas, before deleting: then no delete can go unseen."""
         await asyncio.to_thread(self.feed.write, kind, id_)
 
     async def catch_up(self) -> list[Tombstone]:
-        """Apply the deletes other replicas made since the last call; return them."""
+        """Apply the deletes other replicas made since the last call; return them.
+
+        StorageError when the shared tier cannot be listed: nothing is lost, the next call
+        reads from the same point.
+        """
         async with self._catching_up:  # one listing at a time, applied in order
             if self.feed.never_read and not await asyncio.to_thread(self._caches_anything):
                 self.feed.skip_history()
@@ -217,6 +227,7 @@ class SharedDeletes:
             for tombstone in tombstones:  # a failure here leaves them all to the next read
                 await self._apply(tombstone)
             await asyncio.to_thread(self.feed.mark_applied, tombstones, started)
+            await self._delete_overtaken_uploads(started)
         if tombstones:
             logger.info("applied %d delete(s) made by other replicas", len(tombstones))
         return tombstones
@@ -244,25 +255,38 @@ class SharedDeletes:
     async def retry_pending(self, retry: Callable[[], Awaitable[list[str]]]) -> list[str]:
         """Run `retry` (the pending uploads) so that it never brings back a deleted object.
 
-        Deletes read first drop the pending uploads they cover. A delete made while the uploads
-        ran is read afterwards, and an object it covers that was held before it is deleted
-        again: the delete wins.
+        Deletes are read first, and drop the pending uploads they cover; while they cannot be
+        read, nothing is uploaded. A delete made while the uploads ran is read by the next
+        catch-up (at once, here), and an object it covers that was held before it is deleted
+        again: the delete wins. Returns the keys uploaded and kept.
         """
-        await self.catch_up()
+        try:
+            await self.catch_up()
+        except StorageError as error:
+            logger.warning("cannot read the other replicas' deletes; uploads wait: %s", error)
+            return []
         held_since = {
             key: self.storage.pending_since(key) or math.inf for key in self.storage.pending_keys()
         }
         uploaded = await retry()
-        if not uploaded:
-            return uploaded
-        await self.catch_up()
-        undone = [
-            key
-            for key in uploaded
-            for tombstone in self.feed.recent()
-            if tombstone.covers(key) and held_since.get(key, math.inf) <= tombstone.deleted_at
-        ]
-        for key in undone:
-            logger.warning("%s was deleted elsewhere while it uploaded; deleted again", key)
-            await asyncio.to_thread(self.storage.delete, key)
-        return [key for key in uploaded if key not in undone]
+        finished = self.feed.clock()
+        for key in uploaded:
+            self._unchecked[key] = (held_since.get(key, math.inf), finished)
+        with contextlib.suppress(StorageError):  # else the next catch-up checks them
+            await self.catch_up()
+        return [key for key in uploaded if key not in self._deleted_again]
+
+    async def _delete_overtaken_uploads(self, listed_from: float) -> None:
+        """Delete again what an upload put back after a delete; stop checking the uploads that
+        a listing begun at `listed_from`, after they finished, has covered."""
+        for key, (held_since, finished) in list(self._unchecked.items()):
+            if any(
+                tombstone.covers(key) and held_since <= tombstone.deleted_at
+                for tombstone in self.feed.recent()
+            ):
+                logger.warning("%s was deleted elsewhere while it uploaded; deleted again", key)
+                await asyncio.to_thread(self.storage.delete, key)
+                self._deleted_again.add(key)
+                del self._unchecked[key]
+            elif listed_from > finished:
+                del self._unchecked[key]

@@ -31,7 +31,7 @@ from services.asset_persistence import (
     merge_manifest,
     utc_now,
 )
-from services.generation.records import GenerationRecord, GenerationRecordStore
+from services.generation.records import GenerationRecord, GenerationRecordStore, generation_key
 from services.idempotency import (
     ABANDONED_AFTER,
     IdempotencyKeyInUseError,
@@ -41,7 +41,11 @@ from services.idempotency import (
 )
 from services.storage import StorageBackend, get_storage_backend
 from services.storage.conditional import RetryPolicy, update_object
-from services.storage.errors import ConcurrentUpdateError, PreconditionFailedError
+from services.storage.errors import (
+    ConcurrentUpdateError,
+    PreconditionFailedError,
+    StorageUnavailableError,
+)
 from services.storage.local import LocalStorageBackend
 from services.storage.s3 import make_s3_client
 
@@ -329,6 +333,43 @@ def test_a_finished_generation_record_is_never_overwritten_by_a_late_save(
 
     stored = asyncio.run(scenario())
     assert stored is not None and stored.status == "succeeded"
+
+
+class _DiesBeforeTheMarker(LocalStorageBackend):
+    """A store whose process dies (here: the write fails) when it writes an active marker."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> Any:
+        if "/active/" in key:
+            raise StorageUnavailableError("the process died here")
+        return super().put_bytes(key, data, content_type)
+
+
+def test_a_new_generation_is_never_stored_without_the_marker_that_finds_it_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    storage = _DiesBeforeTheMarker(tmp_path)
+    records = GenerationRecordStore(storage, "replica-a")
+    with pytest.raises(StorageUnavailableError):
+        asyncio.run(records.save(_record("queued")))
+    # No record at all: none that a restart could not find and mark failed.
+    assert not storage.exists(generation_key(_record("queued").generation_id))
+
+
+def test_a_generation_queued_again_is_saved_as_queued(tmp_path: Path) -> None:
+    records = GenerationRecordStore(LocalStorageBackend(tmp_path), "replica-a")
+    record = _record("queued")
+
+    async def scenario() -> GenerationRecord | None:
+        assert await records.save(record)
+        record.status, record.started_at = "running", utc_now()
+        assert await records.save(record)
+        record.status = "queued"  # shed by the worker tier: it waits for room
+        assert await records.save(record)
+        return await records.load(record.generation_id)
+
+    stored = asyncio.run(scenario())
+    assert stored is not None and stored.status == "queued"
+    assert stored.started_at is not None
 
 
 # ------------------------------------------------------------------- idempotency keys

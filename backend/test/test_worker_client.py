@@ -3,6 +3,7 @@ replies a real worker cannot be made to send (through a fake HTTP layer, fake_wo
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -233,6 +234,9 @@ def test_an_async_generation_the_worker_sheds_waits_queued_then_runs(
     )
     waiting = status_of(api, status_url)
     assert waiting["queue_position"] is None and waiting["started_at"] is not None
+    # The stored record says so too: every replica's status route reads it.
+    stored = api.settings.output_dir / f"generations/{waiting['generation_id']}.json"
+    wait_until(lambda: json.loads(stored.read_bytes())["status"] == "queued")
 
     wait_until(lambda: status_of(api, status_url)["status"] == "succeeded")
     finished = status_of(api, status_url)

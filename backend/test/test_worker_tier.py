@@ -663,6 +663,8 @@ def test_make_worker_serves_prints_its_url_logs_json_and_leaves_nothing_behind(
         ) as reply:
             assert reply.status_code == 200
             assert b'{"event":"done"' in b"".join(reply.iter_bytes())
+        # The ingress replica's access line reaches the driver through Ray's log monitor.
+        wait_until(lambda: "POST /generate 200" in errors.read_text(), timeout=30)
     finally:
         command.send_signal(signal.SIGINT)
         assert command.wait(120) == 0

@@ -109,9 +109,9 @@ class GenerationRecordStore:
         final: a late save (a "running" or progress update that lost a race with the finish,
         or a second finish) leaves it as it is; then False is returned.
 
-        A new record and its marker are written together (a marker without its record is
-        cleaned up by the sweep); a finished record is written before its marker goes, so
-        that a crash in between never leaves an unfinished record without a marker.
+        A new record's marker is written first (a marker without its record is cleaned up
+        by the sweep), and a finished record is written before its marker goes: a crash in
+        between never leaves an unfinished record without a marker.
         """
         data = record.model_dump_json(indent=2).encode()
 
@@ -122,11 +122,9 @@ class GenerationRecordStore:
 
         key = generation_key(record.generation_id)
         marker = active_prefix(record.instance) + record.generation_id
-        if record.status == "queued":  # a new id: create it, no read needed
-            await asyncio.gather(
-                asyncio.to_thread(self.storage.put_if_absent, key, data, "application/json"),
-                asyncio.to_thread(self.storage.put_bytes, marker, b"", "application/octet-stream"),
-            )
+        if record.status == "queued" and record.started_at is None:  # new: create, no read
+            await asyncio.to_thread(self.storage.put_bytes, marker, b"", "application/octet-stream")
+            await asyncio.to_thread(self.storage.put_if_absent, key, data, "application/json")
             # Listed once the record exists: a failed save leaves no entry naming nothing.
             await asyncio.to_thread(
                 self.index.add,

@@ -220,8 +220,15 @@ class CharacterReferences:
             raise CharacterReferenceNotFoundError(image_id)
         return found
 
+    def forget_location(self, image_id: str) -> None:
+        """Forget where `image_id` was found (it was deleted); a lookup under way when this is
+        called is not remembered either."""
+        with self._found_lock:
+            self._forgotten += 1
+            self._found.pop(image_id, None)
+
     def forget_locations(self) -> None:
-        """Forget where images were found (after a delete)."""
+        """Forget where every image was found (one was found gone)."""
         with self._found_lock:
             self._forgotten += 1
             self._found.clear()

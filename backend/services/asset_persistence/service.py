@@ -196,7 +196,7 @@ class AssetPersistenceService:
         removed = await delete_character_reference(
             self.storage, image_id, record, self._announcer("image", image_id)
         )
-        self.references.forget_locations()
+        self.references.forget_location(image_id)
         self.delivery.forget(removed)
         if not removed:
             raise CharacterReferenceNotFoundError(image_id)

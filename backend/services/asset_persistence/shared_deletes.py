@@ -203,16 +203,25 @@ class SharedDeletes:
         self.storage = storage
         self.delivery = delivery
         self.references = references
-        self.feed = DeletionFeed(storage.remote, storage.state_dir, clock)
+        self.clock = clock
+        self._feed: DeletionFeed | None = None  # made on first use: building this touches nothing
         self._catching_up = asyncio.Lock()
         # Uploads of pending keys not yet checked against a listing made after them: key ->
         # (when it was first held, when it was uploaded).
         self._unchecked: dict[str, tuple[float, float]] = {}
         self._deleted_again = KnownKeys(capacity=10_000)
 
+    @property
+    def feed(self) -> DeletionFeed:
+        """The tombstones in the shared tier; the first use reads this replica's position from
+        disk (call it off the event loop first: `catch_up` and `announce` do)."""
+        if self._feed is None:
+            self._feed = DeletionFeed(self.storage.remote, self.storage.state_dir, self.clock)
+        return self._feed
+
     async def announce(self, kind: Kind, id_: str) -> None:
         """Tell the other replicas, before deleting: then no delete can go unseen."""
-        await asyncio.to_thread(self.feed.write, kind, id_)
+        await asyncio.to_thread(lambda: self.feed.write(kind, id_))
 
     async def catch_up(self) -> list[Tombstone]:
         """Apply the deletes other replicas made since the last call; return them.
@@ -221,8 +230,7 @@ class SharedDeletes:
         reads from the same point.
         """
         async with self._catching_up:  # one listing at a time, applied in order
-            if self.feed.never_read and not await asyncio.to_thread(self._caches_anything):
-                self.feed.skip_history()
+            await asyncio.to_thread(self._start_reading)
             tombstones, started = await asyncio.to_thread(self.feed.read_new)
             for tombstone in tombstones:  # a failure here leaves them all to the next read
                 await self._apply(tombstone)
@@ -232,14 +240,17 @@ class SharedDeletes:
             logger.info("applied %d delete(s) made by other replicas", len(tombstones))
         return tombstones
 
-    def _caches_anything(self) -> bool:
+    def _start_reading(self) -> None:
+        """Read from now when this replica never read and caches nothing an older delete
+        could cover. Blocking."""
         prefixes = (CHARACTER_REFERENCES_PREFIX, JOBS_PREFIX)
-        return any(self.storage.cached_keys(prefix) for prefix in prefixes)
+        if self.feed.never_read and not any(map(self.storage.cached_keys, prefixes)):
+            self.feed.skip_history()
 
     async def _apply(self, tombstone: Tombstone) -> None:
         if tombstone.kind == "image":
             keys = character_reference_keys(tombstone.id)
-            self.references.forget_locations()
+            self.references.forget_location(tombstone.id)
             self.delivery.forget(keys)
         else:
             prefix = job_prefix(tombstone.id)
@@ -269,7 +280,7 @@ class SharedDeletes:
             key: self.storage.pending_since(key) or math.inf for key in self.storage.pending_keys()
         }
         uploaded = await retry()
-        finished = self.feed.clock()
+        finished = self.clock()
         for key in uploaded:
             self._unchecked[key] = (held_since.get(key, math.inf), finished)
         with contextlib.suppress(StorageError):  # else the next catch-up checks them

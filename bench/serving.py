@@ -60,6 +60,15 @@ def start_server(app: str, app_dir: Path, env: dict[str, str]) -> tuple[subproce
     )
 
 
+def upload(api_url: str, image: Path) -> dict:
+    """Upload `image` through the API; its reply (id, path, url...)."""
+    with httpx.Client(base_url=api_url) as client:
+        reply = client.post(
+            "/api/mv/upload_character_reference", files={"file": ("a.png", image.read_bytes())}
+        )
+        return reply.json()
+
+
 def requests_per_second(url: str, count: int, status: int) -> float:
     """Sequential GETs of `url` over one connection; requests per second."""
     with httpx.Client(follow_redirects=False) as client:
@@ -101,10 +110,7 @@ def measure(count: int = 250, rounds: int = 20) -> list[Row]:
             "main:app", BACKEND_DIR, {**base, "OUTPUT_DIR": str(work / "local")}
         )
         processes.append(api)
-        with httpx.Client(base_url=api_url) as client:
-            stored = client.post(
-                "/api/mv/upload_character_reference", files={"file": ("a.png", image.read_bytes())}
-            ).json()
+        stored = upload(api_url, image)
         stored_file = work / "local" / stored["path"]
         bare, bare_url = start_server(
             "bare_apps:file_app", BENCH_DIR, {"BARE_FILE": str(stored_file)}
@@ -132,11 +138,7 @@ def measure(count: int = 250, rounds: int = 20) -> list[Row]:
             {**cloud_env, "OUTPUT_DIR": str(work / "s3-cache"), "SERVE_FROM_CLOUD": "false"},
         )
         processes.append(cached)
-        with httpx.Client(base_url=cached_url) as client:
-            cached_id = client.post(
-                "/api/mv/upload_character_reference", files={"file": ("a.png", image.read_bytes())}
-            ).json()["id"]
-            cached_path = f"/api/mv/get_character_reference/{cached_id}"
+        cached_path = f"/api/mv/get_character_reference/{upload(cached_url, image)['id']}"
         cached_local = compare(
             f"{cached_url}{cached_path}", f"{bare_url}/image", 200, count, rounds
         )
@@ -144,12 +146,9 @@ def measure(count: int = 250, rounds: int = 20) -> list[Row]:
         cached.wait(30)
         cloud, cloud_url = start_server("main:app", BACKEND_DIR, cloud_env)
         processes.append(cloud)
-        with httpx.Client(base_url=cloud_url) as client:
-            image_id = client.post(
-                "/api/mv/upload_character_reference", files={"file": ("a.png", image.read_bytes())}
-            ).json()["id"]
-            redirect_path = f"/api/mv/get_character_reference/{image_id}?redirect=true"
-            location = client.get(redirect_path).headers["location"]
+        image_id = upload(cloud_url, image)["id"]
+        redirect_path = f"/api/mv/get_character_reference/{image_id}?redirect=true"
+        location = httpx.get(cloud_url + redirect_path).headers["location"]
         bare_redirect, bare_redirect_url = start_server(
             "bare_apps:redirect_app", BENCH_DIR, {"BARE_REDIRECT_URL": location}
         )

@@ -10,10 +10,15 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from config import REPO_ROOT, Settings
+from conftest import new_bucket_name, s3_endpoint
+from services.storage import is_temp_file
+from services.storage.s3 import make_s3_client
 
 BACKEND_DIR = REPO_ROOT / "backend"
 _SETTING_NAMES = {name.upper() for name in Settings.model_fields}
@@ -36,6 +41,58 @@ class Replica:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+
+
+@dataclass
+class SharedTier:
+    """The storage replicas share (one bucket, or one OUTPUT_DIR), read directly."""
+
+    settings: dict[str, str]
+    s3: Any | None = None
+    bucket: str | None = None
+    output_dir: Path | None = None
+
+    def for_machine(self, machine_dir: Path) -> dict[str, str]:
+        """Storage settings of one machine: in S3 mode, with a local tier of its own."""
+        if self.s3 is None:
+            return dict(self.settings)
+        return {**self.settings, "OUTPUT_DIR": str(machine_dir)}
+
+    def read(self, key: str) -> bytes:
+        """An object as the shared tier holds it."""
+        if self.s3 is not None:
+            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        assert self.output_dir is not None
+        return (self.output_dir / key).read_bytes()
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (temp files of unfinished writes left out)."""
+        if self.s3 is not None:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            return [item["Key"] for page in pages for item in page.get("Contents", [])]
+        assert self.output_dir is not None
+        return [
+            path.relative_to(self.output_dir).as_posix()
+            for path in (self.output_dir / prefix).rglob("*")
+            if path.is_file() and not is_temp_file(path)
+        ]
+
+
+def open_shared_tier(request: pytest.FixtureRequest, mode: str, base: Path) -> SharedTier:
+    """A fresh bucket on moto's ("s3") or ministack's ("s3-ministack") server, or one
+    OUTPUT_DIR under `base` ("local"). S3 needs OFFLINE_AWS in this process's environment."""
+    if mode == "local":
+        output_dir = base / "shared"
+        settings = {"STORAGE_BACKEND": "local", "OUTPUT_DIR": str(output_dir)}
+        return SharedTier(settings, output_dir=output_dir)
+    endpoint = s3_endpoint(request, "ministack" if mode == "s3-ministack" else "moto")
+    bucket = new_bucket_name()
+    s3 = make_s3_client(region="us-east-1", endpoint_url=endpoint)
+    s3.create_bucket(Bucket=bucket)
+    settings = {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "AWS_ENDPOINT_URL": endpoint}
+    return SharedTier(settings, s3, bucket)
 
 
 def process_environment(settings: Mapping[str, str]) -> dict[str, str]:

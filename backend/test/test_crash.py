@@ -25,63 +25,32 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from conftest import new_bucket_name, s3_endpoint, wait_until
+from conftest import wait_until
 from fake_worker import TOKEN, PacedWorker
 from live_server import serve
 from replicas import (
     BACKEND_DIR,
     OFFLINE_AWS,
     Replica,
+    SharedTier,
+    open_shared_tier,
     process_environment,
     start_replica,
     stop_replica,
     wait_healthy,
 )
 from services.storage import is_temp_file
-from services.storage.s3 import make_s3_client
 
 IMAGES = 24
 GENERATIONS = 8
 PERSISTS = 4
 FILES_PER_PERSIST = 5
 FINAL = {"succeeded", "failed", "canceled"}
-
-
-@dataclass
-class SharedTier:
-    """The storage both replicas use, read directly."""
-
-    settings: dict[str, str]
-    s3: Any | None = None
-    bucket: str | None = None
-    output_dir: Path | None = None
-
-    def read(self, key: str) -> bytes:
-        """An object's bytes."""
-        if self.s3 is not None:
-            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        assert self.output_dir is not None
-        return (self.output_dir / key).read_bytes()
-
-    def keys(self, prefix: str) -> list[str]:
-        """Every key under `prefix` (temp files excluded: they are checked separately)."""
-        if self.s3 is not None:
-            pages = self.s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            )
-            return [item["Key"] for page in pages for item in page.get("Contents", [])]
-        assert self.output_dir is not None
-        return [
-            path.relative_to(self.output_dir).as_posix()
-            for path in (self.output_dir / prefix).rglob("*")
-            if path.is_file() and not is_temp_file(path)
-        ]
 
 
 @dataclass
@@ -98,34 +67,16 @@ class Burst:
 @pytest.fixture(params=["s3", "s3-ministack", "local"])
 def tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SharedTier]:
     """One bucket (moto, ministack) or one OUTPUT_DIR for both replicas."""
-    if request.param == "local":
-        output_dir = tmp_path / "shared"
-        yield SharedTier(
-            {"STORAGE_BACKEND": "local", "OUTPUT_DIR": str(output_dir)}, None, None, output_dir
-        )
-        return
     with pytest.MonkeyPatch.context() as environment:
-        for name, value in OFFLINE_AWS.items():
+        for name, value in OFFLINE_AWS.items():  # for this test's own S3 client
             environment.setenv(name, value)
-        endpoint = s3_endpoint(request, "ministack" if request.param == "s3-ministack" else "moto")
-        bucket = new_bucket_name()
-        s3 = make_s3_client(region="us-east-1", endpoint_url=endpoint)
-        s3.create_bucket(Bucket=bucket)
-        settings = {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "AWS_ENDPOINT_URL": endpoint}
-        yield SharedTier(settings, s3, bucket)
+        yield open_shared_tier(request, request.param, tmp_path)
 
 
 def _png(index: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (24, 24), (index % 256, 40, 200)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _machine_settings(tier: SharedTier, machine: str, tmp_path: Path) -> dict[str, str]:
-    """Storage settings of one machine: its own local tier in S3 mode."""
-    if tier.s3 is None:
-        return dict(tier.settings)
-    return {**tier.settings, "OUTPUT_DIR": str(tmp_path / machine)}
 
 
 def _persist(job_id: str, directory: Path, settings: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -154,7 +105,7 @@ def test_a_replica_killed_mid_burst_loses_nothing_it_acknowledged(
             "LOG_LEVEL": "WARNING",
         }
         settings = {
-            name: {**common, **_machine_settings(tier, name, tmp_path)}
+            name: {**common, **tier.for_machine(tmp_path / name)}
             for name in ("replica-a", "replica-b")
         }
         replicas = [start_replica(name, settings[name], tmp_path) for name in settings]

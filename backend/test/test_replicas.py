@@ -28,40 +28,28 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import new_bucket_name, s3_endpoint, wait_until
+from conftest import wait_until
 from fake_worker import TOKEN, PacedWorker
 from live_server import serve
-from replicas import BACKEND_DIR, OFFLINE_AWS, Replica, process_environment, run_replicas
-from services.storage.s3 import make_s3_client
+from replicas import (
+    BACKEND_DIR,
+    OFFLINE_AWS,
+    Replica,
+    SharedTier,
+    open_shared_tier,
+    process_environment,
+    run_replicas,
+)
 
 
 @dataclass
 class Pair:
-    """Two replicas on one storage tier, and a way to read that tier directly."""
+    """Two replicas on one storage tier, and that tier."""
 
     mode: str
     replicas: list[Replica]
-    storage_settings: dict[str, str]
-    output_dir: Path | None  # the shared OUTPUT_DIR in local mode
-    s3: Any | None
-    bucket: str | None
+    tier: SharedTier
     worker: PacedWorker
-
-    def read(self, key: str) -> bytes:
-        """An object as the shared tier holds it."""
-        if self.s3 is not None:
-            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        assert self.output_dir is not None
-        return (self.output_dir / key).read_bytes()
-
-    def keys(self, prefix: str) -> list[str]:
-        """Keys of the shared tier under `prefix`."""
-        if self.s3 is not None:
-            listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
-            return [item["Key"] for item in listed.get("Contents", [])]
-        assert self.output_dir is not None
-        base = self.output_dir / prefix
-        return [p.relative_to(self.output_dir).as_posix() for p in base.rglob("*") if p.is_file()]
 
 
 @pytest.fixture(scope="module")
@@ -97,26 +85,15 @@ def _start_pair(
         "WORKER_TOKEN": TOKEN,
         "LOG_LEVEL": "WARNING",
     }
-    s3 = bucket = output_dir = None
     environment = stack.enter_context(pytest.MonkeyPatch.context())
     for name, value in OFFLINE_AWS.items():  # for this module's own S3 client
         environment.setenv(name, value)
-    if request.param.startswith("s3"):
-        endpoint = s3_endpoint(request, "ministack" if request.param == "s3-ministack" else "moto")
-        bucket = new_bucket_name()
-        s3 = make_s3_client(region="us-east-1", endpoint_url=endpoint)
-        s3.create_bucket(Bucket=bucket)
-        storage = {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "AWS_ENDPOINT_URL": endpoint}
-        settings = {
-            name: {**common, **storage, "OUTPUT_DIR": str(base / name)}
-            for name in ("replica-a", "replica-b")
-        }
-    else:
-        output_dir = base / "shared"
-        storage = {"STORAGE_BACKEND": "local", "OUTPUT_DIR": str(output_dir)}
-        settings = {name: {**common, **storage} for name in ("replica-a", "replica-b")}
+    tier = open_shared_tier(request, request.param, base)
+    settings = {
+        name: {**common, **tier.for_machine(base / name)} for name in ("replica-a", "replica-b")
+    }
     replicas = stack.enter_context(run_replicas(settings, base))
-    yield Pair(request.param, replicas, storage, output_dir, s3, bucket, worker)
+    yield Pair(request.param, replicas, tier, worker)
 
 
 def _png(index: int) -> bytes:
@@ -156,9 +133,7 @@ def test_concurrent_attaches_and_a_worker_persist_lose_nothing(pair: Pair, tmp_p
     for relative, data in files.items():
         (job_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (job_dir / relative).write_bytes(data)
-    cli_settings = dict(pair.storage_settings)
-    if pair.s3 is not None:
-        cli_settings["OUTPUT_DIR"] = str(tmp_path / "worker-cli")  # a worker machine's disk
+    cli_settings = pair.tier.for_machine(tmp_path / "worker-cli")  # a worker machine's disk
 
     persist = subprocess.Popen(
         [sys.executable, "-m", "tools.job_assets", "persist", job_id, str(job_dir)],
@@ -187,14 +162,14 @@ def test_concurrent_attaches_and_a_worker_persist_lose_nothing(pair: Pair, tmp_p
         listed = {asset["path"]: asset["sha256"] for asset in job["assets"]}
         for relative, data in files.items():
             assert listed[relative] == hashlib.sha256(data).hexdigest()
-    manifest = json.loads(pair.read(f"jobs/{job_id}/manifest.json"))
+    manifest = json.loads(pair.tier.read(f"jobs/{job_id}/manifest.json"))
     assert len(manifest["files"]) == 40 + len(files)
     for entry in manifest["files"]:  # every entry names a stored object with that content
-        stored = pair.read(f"jobs/{job_id}/{entry['path']}")
+        stored = pair.tier.read(f"jobs/{job_id}/{entry['path']}")
         assert hashlib.sha256(stored).hexdigest() == entry["sha256"]
     for image_id, data in images.items():
         path = f"character_reference/{image_id}.png"
-        assert pair.read(f"jobs/{job_id}/{path}") == data
+        assert pair.tier.read(f"jobs/{job_id}/{path}") == data
     assert json.loads(out)["manifest"]
 
 
@@ -216,7 +191,7 @@ def test_concurrent_creates_of_one_job_id_give_exactly_one_201(pair: Pair) -> No
         if reply.status_code == 409:
             assert reply.json()["detail"]["error"] == "JobExists"
     winner = next(reply for reply in replies if reply.status_code == 201).json()
-    record = json.loads(pair.read(f"job_records/{job_id}.json"))
+    record = json.loads(pair.tier.read(f"job_records/{job_id}.json"))
     assert record["metadata"] == winner["metadata"]  # the stored record is the winner's
 
 
@@ -288,7 +263,7 @@ def test_a_cancel_sent_to_the_replica_that_does_not_own_the_generation_stops_it(
         assert worker.finished == finished_before  # the worker stopped: it never finished
         owner_view = httpx.get(f"{owner.url}/api/mv/character_reference_jobs/{generation_id}")
         assert owner_view.json()["status"] == "canceled"
-        assert not pair.keys(f"generations/cancel/{generation_id}")  # the marker was consumed
+        assert not pair.tier.keys(f"generations/cancel/{generation_id}")  # the marker was consumed
     finally:
         worker.steps, worker.step_seconds = 4, 0.02
 
@@ -376,4 +351,4 @@ def test_a_delete_on_one_replica_is_seen_by_the_other_within_its_window(pair: Pa
         timeout=5,
     )
     assert [httpx.get(deleter.url + path).status_code for path in reads] == [404] * 3
-    assert pair.keys(f"character_references/{image_id}") == []
+    assert pair.tier.keys(f"character_references/{image_id}") == []

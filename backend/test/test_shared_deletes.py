@@ -29,6 +29,7 @@ from services.asset_persistence.shared_deletes import (
     LOOKBACK_SECONDS,
     POSITION_FILE,
     TOMBSTONE_PREFIX,
+    SharedDeletes,
     Tombstone,
 )
 from services.storage import (
@@ -103,6 +104,17 @@ async def _store(service: AssetPersistenceService) -> tuple[str, str]:
     image_id = str(uuid.uuid4())
     stored = await service.store_character_reference(image_id, png_bytes(3))
     return image_id, stored.key
+
+
+async def _stored_on_a_pending_on_b(
+    a: AssetPersistenceService, b: AssetPersistenceService
+) -> tuple[str, str, SharedDeletes]:
+    """An image stored by a whose sidecar b also holds, as an upload still pending on b."""
+    image_id, _ = await _store(a)
+    sidecar = character_reference_sidecar_key(image_id)
+    _tiered(b).hold(sidecar, _tiered(a).get_bytes(sidecar), "application/json")
+    assert b.shared_deletes is not None
+    return image_id, sidecar, b.shared_deletes
 
 
 async def _serve_everything(service: AssetPersistenceService, image_id: str) -> None:
@@ -188,11 +200,7 @@ async def test_an_upload_that_a_delete_overtakes_is_deleted_again(
     open_replica: Callable[..., AssetPersistenceService], bucket: Bucket
 ) -> None:
     a, b = open_replica("a"), open_replica("b")
-    image_id, _ = await _store(a)
-    sidecar = character_reference_sidecar_key(image_id)
-    _tiered(b).hold(sidecar, _tiered(a).get_bytes(sidecar), "application/json")
-    shared = b.shared_deletes
-    assert shared is not None
+    image_id, _, shared = await _stored_on_a_pending_on_b(a, b)
 
     async def upload_after_a_delete_elsewhere() -> list[str]:
         # b has read no delete yet when it sends its copy; a deletes just before it lands.
@@ -365,11 +373,7 @@ async def test_an_overtaking_upload_is_deleted_by_the_next_catch_up_when_this_on
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b = open_replica("a"), open_replica("b")
-    image_id, _ = await _store(a)
-    sidecar = character_reference_sidecar_key(image_id)
-    _tiered(b).hold(sidecar, _tiered(a).get_bytes(sidecar), "application/json")
-    shared = b.shared_deletes
-    assert shared is not None
+    image_id, sidecar, shared = await _stored_on_a_pending_on_b(a, b)
     remote = _tiered(b).remote
     list_page = remote.list_page
 
